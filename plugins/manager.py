@@ -1,0 +1,168 @@
+"""Finding, loading and registering plugins.
+
+Every plugin, built-in or not, is an entry point in the group ``probescope``. Loading one
+that fails to import records the failure (shown by ``probescope plugins``) and carries on
+with the rest. Registration hooks are called one plugin at a time, so each probe,
+renderer and adapter is attributed to the plugin and distribution that provided it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import pluggy
+
+from probescope.errors import PluginConflictError, PluginError
+from probescope.plugins import hookspecs
+
+ENTRY_POINT_GROUP = hookspecs.PROJECT
+KINDS = ("probe", "renderer", "architecture")
+_HOOK_OF_KIND = {
+    "probe": "register_probes",
+    "renderer": "register_renderers",
+    "architecture": "register_architectures",
+}
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a plugin came from."""
+
+    plugin: str  # plugin (entry point) name
+    package: str  # distribution that declared it, or "<local>"
+    version: str
+
+
+@dataclass(frozen=True)
+class Registered:
+    """One registered probe, renderer or adapter with its origin."""
+
+    kind: str
+    name: str
+    obj: Any
+    origin: Origin
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """A plugin that could not be imported or could not register."""
+
+    plugin: str
+    package: str
+    error: str
+
+
+@dataclass
+class Registry:
+    """Every probe, renderer and architecture adapter available, by name."""
+
+    manager: pluggy.PluginManager
+    entries: dict[str, dict[str, Registered]] = field(
+        default_factory=lambda: {kind: {} for kind in KINDS}
+    )
+    failures: list[LoadFailure] = field(default_factory=list)
+
+    @property
+    def hook(self) -> Any:
+        """The lifecycle hooks (``dataset_produced``, ``run_finished``)."""
+        return self.manager.hook
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.entries[kind])
+
+    def get(self, kind: str, name: str) -> Any:
+        """The registered object, or a :class:`PluginError` listing what is available."""
+        try:
+            return self.entries[kind][name].obj
+        except KeyError:
+            known = ", ".join(self.names(kind)) or "none"
+            raise PluginError(f"unknown {kind} {name!r}; available: {known}") from None
+
+    def all(self, kind: str) -> list[Any]:
+        return [self.entries[kind][n].obj for n in self.names(kind)]
+
+    def add(self, kind: str, obj: Any, origin: Origin) -> None:
+        name = getattr(obj, "name", None)
+        if not isinstance(name, str) or not name:
+            raise PluginError(
+                f"plugin {origin.plugin!r} ({origin.package}) registered a {kind} without a name"
+            )
+        existing = self.entries[kind].get(name)
+        if existing is not None:
+            raise PluginConflictError(
+                f"{kind} {name!r} is registered twice: by plugin {existing.origin.plugin!r} "
+                f"({existing.origin.package} {existing.origin.version}) and by plugin "
+                f"{origin.plugin!r} ({origin.package} {origin.version}); uninstall or rename one"
+            )
+        self.entries[kind][name] = Registered(kind, name, obj, origin)
+
+
+def new_manager() -> pluggy.PluginManager:
+    manager = pluggy.PluginManager(hookspecs.PROJECT)
+    manager.add_hookspecs(hookspecs)
+    return manager
+
+
+def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
+    return importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+
+
+def _origin(ep: importlib.metadata.EntryPoint) -> Origin:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return Origin(ep.name, "<unknown>", "")
+    return Origin(ep.name, dist.metadata["Name"], dist.version)
+
+
+def load_registry(extra_plugins: Iterable[tuple[str, Any]] = ()) -> Registry:
+    """Load every ``probescope`` entry point, plus ``extra_plugins`` given as
+    ``(name, plugin_object)`` (for plugins defined in a notebook or a test), and build the
+    registry.
+
+    :raises PluginConflictError: two plugins registered the same name.
+    """
+    manager = new_manager()
+    registry = Registry(manager)
+    origins: dict[str, Origin] = {}
+    seen: set[str] = set()
+    for ep in _entry_points():
+        origin = _origin(ep)
+        if ep.name in seen:  # the same distribution visible twice on sys.path
+            continue
+        seen.add(ep.name)
+        try:
+            plugin = ep.load()
+            manager.register(plugin, name=ep.name)
+        except Exception as exc:  # a broken plugin must not stop the others
+            registry.failures.append(LoadFailure(ep.name, origin.package, _describe(exc)))
+            continue
+        origins[ep.name] = origin
+    for name, plugin in extra_plugins:
+        manager.register(plugin, name=name)
+        origins[name] = Origin(name, "<local>", "")
+    for kind in KINDS:
+        _register_kind(registry, kind, origins)
+    return registry
+
+
+def _register_kind(registry: Registry, kind: str, origins: dict[str, Origin]) -> None:
+    caller = getattr(registry.manager.hook, _HOOK_OF_KIND[kind])
+    # One implementation at a time, so each registration knows which plugin made it.
+    for impl in reversed(caller.get_hookimpls()):
+        origin = origins.get(impl.plugin_name, Origin(impl.plugin_name, "<unknown>", ""))
+        register: Callable[[Any], None] = lambda obj, _o=origin: registry.add(kind, obj, _o)
+        try:
+            impl.function(register=register)
+        except PluginConflictError:
+            raise
+        except Exception as exc:
+            registry.failures.append(LoadFailure(impl.plugin_name, origin.package, _describe(exc)))
+
+
+def _describe(exc: BaseException) -> str:
+    last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    where = f" (at {last[0].filename}:{last[0].lineno})" if last else ""
+    return f"{type(exc).__name__}: {exc}{where}"

@@ -1,0 +1,1 @@
+"""Built-in probes, each an ordinary plugin declared in the ``probescope`` entry-point group."""

@@ -1,0 +1,30 @@
+"""probescope: point probes at transformer language models, get labelled xarray datasets
+back, and draw figures from them.
+
+Python API::
+
+    import probescope
+    results = probescope.run("probes.toml")          # {model: {probe: xarray.Dataset}}
+    ds = probescope.load("results/small/token_similarity.nc")
+
+Plugins implement the hooks in :mod:`probescope.plugins.hookspecs` with
+:data:`probescope.hookimpl` and subclass :class:`Probe`, :class:`Renderer` or
+:class:`ArchitectureAdapter`.
+"""
+
+__version__ = "0.1.0"
+
+from probescope.plugins.hookspecs import hookimpl  # noqa: E402  (plugins import __version__ lazily)
+from probescope.architectures.base import ArchitectureAdapter, Site, SiteRef, embed, resid  # noqa: E402
+from probescope.errors import ConfigError, ProbescopeError, RunFailed  # noqa: E402
+from probescope.probe import Parameters, Probe, ProbeRun, Read  # noqa: E402
+from probescope.renderer import Renderer  # noqa: E402
+from probescope.api import load, render, run  # noqa: E402
+from probescope.results import combine  # noqa: E402
+
+__all__ = [
+    "__version__", "hookimpl", "run", "load", "render", "combine",
+    "Probe", "ProbeRun", "Read", "Parameters", "Renderer",
+    "ArchitectureAdapter", "Site", "SiteRef", "embed", "resid",
+    "ProbescopeError", "ConfigError", "RunFailed",
+]

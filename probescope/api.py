@@ -1,0 +1,81 @@
+"""The Python API: the same runs as the command line, returning datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import xarray as xr
+
+from probescope import config as config_mod
+from probescope import models as models_mod
+from probescope import results, runner
+from probescope.plugins.manager import Registry, load_registry
+
+
+def run(
+    config: str | Path | Mapping[str, Any],
+    *,
+    models: Mapping[str, tuple[Any, Any]] | None = None,
+    write: bool = True,
+    plugins: Iterable[tuple[str, Any]] = (),
+) -> dict[str, dict[str, xr.Dataset]]:
+    """Run a configuration and return its datasets by model name, then probe entry name.
+
+    :param config: a TOML file path, or the same structure as a dict (relative paths in a
+        dict are taken from the current directory).
+    :param models: models already built in this process, as ``{name: (model, tokenizer)}``,
+        probed next to the config's ``[[models]]``. Note that probescope traces them with
+        nnsight, which installs a controller ``forward`` on each of their modules: inert
+        outside a trace, but it stays on your model object. Pass a copy to keep yours bare.
+    :param write: also write datasets and figures under the config's output directory.
+    :param plugins: extra ``(name, plugin)`` pairs, for plugins defined outside a package.
+    :raises ConfigError: the configuration is invalid; nothing was run or written.
+    :raises RunFailed: some probes or renderers failed; ``.datasets`` holds the others.
+    """
+    registry = load_registry(plugins)
+    given = {
+        name: models_mod.from_objects(name, model, tokenizer, registry)
+        for name, (model, tokenizer) in (models or {}).items()
+    }
+    plan = config_mod.load_plan(config, registry, given_models=list(given))
+    return runner.execute(plan, registry, given, write=write).datasets
+
+
+def load(path: str | Path) -> xr.Dataset:
+    """Open a saved dataset (fully read into memory)."""
+    return results.load(path)
+
+
+def render(
+    datasets: Sequence[xr.Dataset | str | Path],
+    renderer: str,
+    output: str | Path | None = None,
+    registry: Registry | None = None,
+    **params: Any,
+):
+    """Draw datasets (or saved files) with a renderer; write the figure when ``output`` is given.
+
+    :returns: the matplotlib Figure.
+    """
+    from probescope.errors import ConfigError
+    from probescope.renderer import FIGURE_FORMATS
+
+    registry = registry or load_registry()
+    plugin = registry.get("renderer", renderer)
+    values, problems = config_mod._parameter_problems(plugin, params, ())
+    if problems:
+        raise ConfigError(f"renderer {renderer}", problems)
+    loaded = [results.load(d) if isinstance(d, (str, Path)) else d for d in datasets]
+    wrong = [ds.attrs.get("probe", "?") for ds in loaded if ds.attrs.get("probe") != plugin.probe]
+    if wrong:
+        from probescope.errors import PluginError
+
+        raise PluginError(f"{renderer} draws {plugin.probe} datasets, got datasets of {', '.join(map(repr, wrong))}")
+    figure = plugin.render(loaded, values)
+    if output is not None:
+        output = Path(output)
+        if output.suffix.lower() not in FIGURE_FORMATS:
+            raise ConfigError(str(output), [config_mod.Problem("", f"figure file must end in one of {', '.join(FIGURE_FORMATS)}")])
+        runner.save_figure(figure, output)
+    return figure

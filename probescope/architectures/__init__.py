@@ -1,0 +1,16 @@
+"""Architecture adapters: one per model family, mapping its modules to canonical sites.
+
+The adapters for individual families live in their own modules and are registered as
+plugins (entry-point group ``probescope``) exactly like third-party adapters.
+"""
+
+from probescope.architectures.base import (
+    ArchitectureAdapter,
+    BlockListAdapter,
+    Site,
+    SiteRef,
+    embed,
+    resid,
+)
+
+__all__ = ["ArchitectureAdapter", "BlockListAdapter", "Site", "SiteRef", "embed", "resid"]

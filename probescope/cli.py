@@ -1,0 +1,145 @@
+"""The command line: ``probescope run | render | plugins | demo``.
+
+Errors in the user's input print a message (never a traceback) and exit non-zero:
+2 for an invalid configuration, 1 for anything else that failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from probescope.errors import ConfigError, ProbescopeError
+
+
+def _parse_value(text: str) -> Any:
+    """A ``--set`` value: TOML syntax (numbers, booleans, lists, quoted strings), else a bare string."""
+    from probescope.config import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from probescope import config as config_mod
+    from probescope import runner
+    from probescope.plugins.manager import load_registry
+
+    registry = load_registry()
+    plan = config_mod.load_plan(args.config, registry)
+    outcome = runner.execute(plan, registry, raise_on_failure=False)
+    for path in outcome.files:
+        print(f"wrote {path}")
+    if outcome.failures:
+        for f in outcome.failures:
+            where = f"model {f['model']!r}, " if f["model"] else ""
+            print(f"error: {where}{f['step']} {f['name']!r} failed: {f['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from probescope.api import render
+
+    params = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("--set", [_problem(item)])
+        params[key.strip()] = _parse_value(value.strip())
+    render(args.datasets, args.renderer, args.output, **params)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _problem(item: str):
+    from probescope.errors import Problem
+
+    return Problem("", f"expected KEY=VALUE, got {item!r}")
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from probescope.plugins.manager import KINDS, load_registry
+
+    registry = load_registry()
+    for kind in KINDS:
+        print(f"{kind}s:")
+        entries = registry.entries[kind]
+        if not entries:
+            print("  (none)")
+        for name in registry.names(kind):
+            entry = entries[name]
+            origin = entry.origin
+            description = getattr(entry.obj, "description", "")
+            print(f"  {name:<22} {origin.package} {origin.version}  [{origin.plugin}]  {description}")
+    if registry.failures:
+        print("plugins that failed to load:")
+        for failure in registry.failures:
+            print(f"  {failure.plugin} ({failure.package}): {failure.error}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from probescope import config as config_mod
+    from probescope import demo, runner
+    from probescope.plugins.manager import load_registry
+
+    folder = Path(args.output).resolve()
+    print(f"building the demo models under {folder / 'models'}")
+    config_path = demo.write_demo(folder)
+    registry = load_registry()
+    plan = config_mod.load_plan(config_path, registry)
+    outcome = runner.execute(plan, registry)
+    for path in outcome.files:
+        print(f"wrote {path}")
+    print(f"demo config: {config_path}  (edit it and run: probescope run {config_path})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from probescope import __version__
+
+    parser = argparse.ArgumentParser(prog="probescope", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"probescope {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the probes and renderers of a TOML config")
+    p.add_argument("config", help="path of the TOML configuration")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("render", help="draw saved datasets again, without any model")
+    p.add_argument("datasets", nargs="+", help="saved .nc datasets, one per model")
+    p.add_argument("--renderer", "-r", required=True, help="renderer name (see: probescope plugins)")
+    p.add_argument("--output", "-o", required=True, help="figure file (.png, .pdf or .svg)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="renderer parameter (TOML value)")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("plugins", help="list probes, renderers and architectures with their origin")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("demo", help="run the offline demo on two small built-in models")
+    p.add_argument("--output", "-o", default="probescope-demo", help="folder to write to (default: %(default)s)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ProbescopeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""What a probe is: parameters, the sites it reads, and how it builds its dataset.
+
+A probe does not run the model. It declares :class:`Read` s (a canonical site plus a
+reduction); the runner performs every probe's reads inside one traced forward pass per
+batch, applies each reduction there, and hands back only the reduced tensors. The probe
+then builds an ``xarray.Dataset`` from them. A probe that needs only weights declares no
+reads and reads the weights in :meth:`Probe.build`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+import xarray as xr
+from pydantic import BaseModel, ConfigDict
+
+from probescope.architectures.base import SiteRef
+from probescope.errors import Problem
+from probescope.inputs import Batch, Prompt
+
+if TYPE_CHECKING:
+    from probescope.models import LoadedModel, ModelInfo
+
+
+class Parameters(BaseModel):
+    """Base of every plugin's parameter schema: unknown keys are errors, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Reduction = Callable[[torch.Tensor, Batch], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Read:
+    """One reduction of one site, computed inside the trace.
+
+    :param key: the probe's own name for the result; results come back under it.
+    :param site: the canonical site to read.
+    :param reduce: called as ``reduce(hidden, batch)`` with ``hidden`` of shape
+        ``(batch, token, width)``; returns a (small) tensor. It runs inside the forward
+        pass, so it must only compute: no I/O, and nothing kept beyond its return value.
+    """
+
+    key: str
+    site: SiteRef
+    reduce: Reduction
+
+
+@dataclass
+class ProbeRun:
+    """Everything a probe gets back to build its dataset."""
+
+    model: "LoadedModel"
+    prompts: list[Prompt]
+    batches: list[Batch]
+    # key -> one tensor per batch, in batch order
+    reductions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+
+class Probe:
+    """Base class for probes. Register instances through ``register_probes``.
+
+    Subclasses set :attr:`name`, :attr:`version`, :attr:`description`, :attr:`Parameters`
+    and implement :meth:`build`; probes that read activations also implement
+    :meth:`reads`.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "0.1.0"
+    description: ClassVar[str] = ""
+    Parameters: ClassVar[type[Parameters]] = Parameters
+
+    def check(self, params: Any, model: "ModelInfo") -> list[Problem]:
+        """Problems with ``params`` for this particular model, found before weights load
+        (a layer index out of range, say). Locations are relative to the probe's entry."""
+        return []
+
+    def reads(self, params: Any, model: "ModelInfo") -> list[Read]:
+        """The reductions this probe needs from the forward pass (none by default)."""
+        return []
+
+    def build(self, params: Any, run: ProbeRun) -> xr.Dataset:
+        """The probe's result for one model. Provenance ``attrs`` are added by the runner."""
+        raise NotImplementedError

@@ -1,0 +1,35 @@
+"""What a renderer is: parameters and a function from datasets to a matplotlib Figure.
+
+Renderers read datasets only, never models, so a saved result can be drawn again long
+after the model is gone (``probescope render``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Sequence
+
+import xarray as xr
+from matplotlib.figure import Figure
+
+from probescope.probe import Parameters
+
+FIGURE_FORMATS = (".png", ".pdf", ".svg")
+
+
+class Renderer:
+    """Base class for renderers. Register instances through ``register_renderers``.
+
+    :attr:`probe` names the probe whose datasets the renderer draws; the runner passes it
+    that probe's datasets, one per model, in the configuration's model order.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "0.1.0"
+    description: ClassVar[str] = ""
+    probe: ClassVar[str]
+    Parameters: ClassVar[type[Parameters]] = Parameters
+
+    def render(self, datasets: Sequence[xr.Dataset], params: Any) -> Figure:
+        """Draw the datasets (one per model). Build the figure with
+        ``matplotlib.figure.Figure`` rather than pyplot, so no global state is touched."""
+        raise NotImplementedError

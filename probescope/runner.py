@@ -1,0 +1,193 @@
+"""Running a validated plan: models one at a time, one traced pass per batch shared by all
+probes, then datasets written and figures drawn.
+
+A probe that fails is recorded with its name and error; the other probes' datasets are
+still written, and the run ends with :class:`RunFailed` so the command exits non-zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import xarray as xr
+
+from probescope import inputs as inputs_mod
+from probescope import models as models_mod
+from probescope import results, trace
+from probescope.config import Plan, ProbeTask
+from probescope.errors import ConfigError, InputError, ModelLoadError, Problem, ProbescopeError, RunFailed
+from probescope.probe import ProbeRun
+from probescope.progress import progress
+
+
+@dataclass
+class Prepared:
+    """One model checked against the plan, weights not loaded yet (or given in memory)."""
+
+    info: models_mod.ModelInfo
+    tokenizer: Any
+    prompts: list[inputs_mod.Prompt]
+    entry: Any = None  # ModelEntry, or None for a model given as an object
+    loaded: models_mod.LoadedModel | None = None
+
+
+@dataclass
+class Outcome:
+    """What a run produced: datasets by model and probe entry, files written, failures."""
+
+    datasets: dict[str, dict[str, xr.Dataset]] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    def fail(self, model: str, step: str, name: str, error: BaseException | str) -> None:
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        self.failures.append({"model": model, "step": step, "name": name, "error": text})
+
+
+def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedModel] = {}) -> list[Prepared]:
+    """Stage two of validation: read every model's config and tokenizer (no weights),
+    then check probes and prompts against them. Raises one :class:`ConfigError` with
+    every problem of every model."""
+    problems: list[Problem] = []
+    prepared: list[Prepared] = []
+    candidates: list[tuple[str, Any, Any]] = []  # (location, entry, loaded)
+    for i, entry in enumerate(plan.models):
+        candidates.append((f"models[{i}]", entry, None))
+    for name, loaded in given.items():
+        candidates.append((f"models.{name}", None, loaded))
+
+    for where, entry, loaded in candidates:
+        try:
+            if loaded is not None:
+                info, tokenizer = loaded.info, loaded.tokenizer
+            else:
+                info = models_mod.inspect(entry, registry)
+                tokenizer = models_mod.load_tokenizer(entry)
+        except ProbescopeError as exc:
+            problems.append(Problem(where, str(exc)))
+            continue
+        try:
+            prompts = inputs_mod.tokenize(tokenizer, plan.prompts, max_positions=info.max_positions,
+                                          model_name=info.name)
+        except InputError as exc:
+            problems.append(Problem("inputs.prompts", str(exc)))
+            continue
+        for task in plan.probes:
+            for problem in task.probe.check(task.params, info):
+                loc = f"probes[{task.index}]" + (f".{problem.location}" if problem.location else "")
+                problems.append(Problem(loc, f"model {info.name!r}: {problem.message}"))
+        prepared.append(Prepared(info, tokenizer, prompts, entry, loaded))
+    if problems:
+        raise ConfigError(plan.source, problems)
+    return prepared
+
+
+def _probe_reads(tasks: Sequence[ProbeTask], info: models_mod.ModelInfo, outcome: Outcome) -> list:
+    reads = []
+    for task in tasks:
+        try:
+            reads += [(task.name, read) for read in task.probe.reads(task.params, info)]
+        except Exception as exc:
+            outcome.fail(info.name, "probe", task.name, exc)
+    return reads
+
+
+def run_model(plan: Plan, prepared: Prepared, registry: Any, outcome: Outcome, write: bool) -> None:
+    """Every probe on one model: one trace per batch, then each probe's dataset."""
+    name = prepared.info.name
+    loaded = prepared.loaded
+    if loaded is None:
+        loaded = models_mod.load(prepared.entry, prepared.info, prepared.tokenizer)
+    batches = inputs_mod.batches(prepared.prompts, plan.batch_size,
+                                 pad_id=inputs_mod.pad_id_of(prepared.tokenizer), device=loaded.device)
+    tasks = [t for t in plan.probes if t.name not in {f["name"] for f in outcome.failures if f["model"] == name}]
+    reads = _probe_reads(tasks, prepared.info, outcome)
+    failed_owners = {f["name"] for f in outcome.failures if f["model"] == name}
+    per_owner: dict[str, list[dict]] = {t.name: [] for t in tasks}
+    if reads:
+        adapter = prepared.info.adapter
+        try:
+            steps = trace.plan_steps(reads, lambda ref: adapter.site(ref, loaded.blocks))
+            envoy = trace.wrap(loaded.model)
+            for batch in progress(batches, desc=f"{name}: batches"):
+                sink, failed = trace.run_batch(envoy, steps, batch)
+                for owner, exc in failed.items():
+                    if owner not in failed_owners:
+                        outcome.fail(name, "probe", owner, exc)
+                        failed_owners.add(owner)
+                for owner, found in sink.items():
+                    per_owner[owner].append(found)
+        except Exception as exc:  # the pass itself broke: every reading probe fails
+            for owner in {o for o, _ in reads} - failed_owners:
+                outcome.fail(name, "probe", owner, exc)
+                failed_owners.add(owner)
+
+    for task in progress(tasks, desc=f"{name}: probes"):
+        if task.name in failed_owners:
+            continue
+        run = ProbeRun(loaded, prepared.prompts, batches, _by_key(per_owner[task.name]))
+        try:
+            dataset = task.probe.build(task.params, run)
+            dataset.attrs.update(results.provenance(
+                probe=task.probe, params=task.params, model_info=prepared.info, entry_name=task.name))
+        except Exception as exc:
+            outcome.fail(name, "probe", task.name, exc)
+            continue
+        registry.hook.dataset_produced(dataset=dataset, model=name, probe=task.name)
+        outcome.datasets.setdefault(name, {})[task.name] = dataset
+        if write:
+            outcome.files.append(results.save(dataset, results.result_path(plan.output_dir, name, task.name)))
+
+
+def _by_key(per_batch: list[dict]) -> dict:
+    return trace.gather(per_batch)
+
+
+def draw(plan: Plan, outcome: Outcome, model_order: Sequence[str]) -> None:
+    """Every renderer of the plan, from the datasets the run produced."""
+    for task in plan.renderers:
+        datasets = [outcome.datasets[m][task.probe] for m in model_order
+                    if task.probe in outcome.datasets.get(m, {})]
+        if not datasets:
+            outcome.fail("", "renderer", task.renderer.name, f"no {task.probe!r} dataset to draw")
+            continue
+        try:
+            figure = task.renderer.render(datasets, task.params)
+            outcome.files.append(save_figure(figure, task.output))
+        except Exception as exc:
+            outcome.fail("", "renderer", task.renderer.name, exc)
+
+
+def save_figure(figure: Any, path: Path) -> Path:
+    """Write a matplotlib figure atomically, in the format its extension names."""
+    fmt = path.suffix.lower().lstrip(".")
+    with results.atomic_path(path) as tmp:
+        figure.savefig(tmp, format=fmt, bbox_inches="tight", dpi=200)
+    return path
+
+
+def execute(
+    plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedModel] = {}, *, write: bool = True,
+    raise_on_failure: bool = True,
+) -> Outcome:
+    """Validate against the models, run every probe on every model, draw every figure.
+
+    :raises ConfigError: stage-two validation failed (nothing was written).
+    :raises RunFailed: some probes or renderers failed; the rest was written.
+    """
+    prepared = prepare(plan, registry, given)
+    outcome = Outcome()
+    for item in progress(prepared, desc="models"):
+        try:
+            run_model(plan, item, registry, outcome, write)
+        except ModelLoadError as exc:
+            for task in plan.probes:
+                outcome.fail(item.info.name, "probe", task.name, exc)
+    if write:
+        draw(plan, outcome, [p.info.name for p in prepared])
+    registry.hook.run_finished(results=outcome.datasets, failures=list(outcome.failures))
+    if outcome.failures and raise_on_failure:
+        raise RunFailed(outcome.failures, outcome.datasets)
+    return outcome

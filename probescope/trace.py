@@ -1,0 +1,102 @@
+"""The single traced forward pass that serves every probe of one model.
+
+The runner, not each probe, owns the trace. It places every requested site, groups reads
+of the same module, orders them as the model executes (nnsight refuses reads out of
+order), and applies each reduction inside the trace, so that only reductions leave it:
+no activation is cached beyond the moment it is reduced. The pass stops right after the
+last site anyone asked for, so layers after it and the unembedding never run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import nnsight
+import torch
+
+from probescope.architectures.base import Site
+from probescope.inputs import Batch
+from probescope.probe import Read
+
+
+@dataclass
+class Step:
+    """Everything read from one module port: the value is fetched once, then every
+    read of it is reduced in turn."""
+
+    module: str
+    port: str
+    order: tuple[int, ...]
+    reads: list[tuple[str, Site, Read]] = field(default_factory=list)  # (owner, site, read)
+
+
+def plan_steps(reads: list[tuple[str, Read]], place: Callable[[Any], Site]) -> list[Step]:
+    """Group reads by module port and sort them in execution order.
+
+    :param reads: ``(owner, read)`` pairs; ``owner`` names the probe entry asking.
+    :param place: maps a :class:`SiteRef` to the :class:`Site` in this model.
+    """
+    steps: dict[tuple[str, str], Step] = {}
+    for owner, read in reads:
+        site = place(read.site)
+        step = steps.setdefault((site.module, site.port), Step(site.module, site.port, site.order))
+        step.order = min(step.order, site.order)
+        step.reads.append((owner, site, read))
+    return sorted(steps.values(), key=lambda s: s.order)
+
+
+def _apply(step: Step, value: Any, batch: Batch, sink: dict, failed: dict) -> None:
+    """Reduce one module's value for every read of it; a read that raises marks its
+    owner failed and the other owners go on."""
+    for owner, site, read in step.reads:
+        if owner in failed:
+            continue
+        try:
+            sink[owner][read.key] = read.reduce(site.select(value), batch)
+        except Exception as exc:
+            failed[owner] = exc
+
+
+def _envoy_at(envoy: Any, path: str) -> Any:
+    for part in path.split("."):
+        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+    return envoy
+
+
+def run_batch(envoy: Any, steps: list[Step], batch: Batch) -> tuple[dict, dict]:
+    """One traced forward pass over ``batch``.
+
+    :returns: ``(results, failures)``: ``results[owner][key]`` is each read's reduction,
+        ``failures[owner]`` the exception that stopped an owner's reads.
+    """
+    owners = {owner for step in steps for owner, _, _ in step.reads}
+    ports = [(_envoy_at(envoy, step.module), step.port) for step in steps]
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+    with torch.inference_mode():
+        with envoy.trace(**inputs) as tracer:
+            sink = nnsight.save({owner: {} for owner in owners})
+            failed = nnsight.save({})
+            for step, (module, port) in zip(steps, ports):
+                _apply(step, getattr(module, port), batch, sink, failed)
+            tracer.stop()
+    return sink, failed
+
+
+def wrap(model: torch.nn.Module) -> Any:
+    """The nnsight view of ``model``.
+
+    nnsight installs a controller ``forward`` on each module of the model it wraps; it is
+    inert outside a trace but stays on the model object afterwards.
+    """
+    return nnsight.NNsight(model)
+
+
+def gather(per_batch: list[dict[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+    """Per-batch ``{key: tensor}`` dicts as ``{key: [tensor per batch]}`` on the CPU."""
+    out: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for results in per_batch:
+        for key, tensor in results.items():
+            out[key].append(tensor.detach().to("cpu"))
+    return dict(out)
