@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from probescope.errors import ConfigError, ProbescopeError
+from probescope.errors import ConfigError, ProbescopeError, describe_failure
 
 
 def _parse_value(text: str) -> Any:
@@ -36,9 +36,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for path in outcome.files:
         print(f"wrote {path}")
     if outcome.failures:
-        for f in outcome.failures:
-            where = f"model {f['model']!r}, " if f["model"] else ""
-            print(f"error: {where}{f['step']} {f['name']!r} failed: {f['error']}", file=sys.stderr)
+        for failure in outcome.failures:
+            print(f"error: {describe_failure(failure)}", file=sys.stderr)
         return 1
     return 0
 

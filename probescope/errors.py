@@ -71,5 +71,13 @@ class RunFailed(ProbescopeError):
     def __init__(self, failures: list[dict[str, str]], datasets: dict | None = None):
         self.failures = failures
         self.datasets = datasets or {}  # what the other probes produced, by model and probe
-        lines = [f"  {f['model'] or '-'}: {f['step']} {f['name']!r}: {f['error']}" for f in failures]
+        lines = ["  " + describe_failure(f) for f in failures]
         super().__init__("\n".join([f"{len(failures)} step(s) failed:", *lines]))
+
+
+def describe_failure(failure: dict[str, str]) -> str:
+    """One line for one failed step of a run."""
+    if failure["step"] == "model":
+        return f"model {failure['model']!r} could not be loaded: {failure['error']}"
+    where = f"model {failure['model']!r}: " if failure["model"] else ""
+    return f"{where}{failure['step']} {failure['name']!r} failed: {failure['error']}"

@@ -33,6 +33,7 @@ def provenance(*, probe: Any, params: Any, model_info: Any, entry_name: str) -> 
         "model_id": model_info.source,
         "model_revision": model_info.revision or "",
         "architecture": model_info.adapter.name,
+        "num_layers": model_info.num_layers,
         "dtype": model_info.dtype,
         "probescope_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -85,6 +85,7 @@ def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedMode
 
 
 def _probe_reads(tasks: Sequence[ProbeTask], info: models_mod.ModelInfo, outcome: Outcome) -> list:
+    """Every probe's reads as ``(probe entry name, read)``; a probe whose ``reads`` raises fails alone."""
     reads = []
     for task in tasks:
         try:
@@ -94,40 +95,47 @@ def _probe_reads(tasks: Sequence[ProbeTask], info: models_mod.ModelInfo, outcome
     return reads
 
 
+def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list, outcome: Outcome) -> dict[str, list[dict]]:
+    """Run every batch through one trace shared by all reads; per owner, one dict of
+    reductions per batch. Owners whose reductions raise are recorded as failed."""
+    name = loaded.name
+    owners = list(dict.fromkeys(owner for owner, _ in reads))
+    per_owner: dict[str, list[dict]] = {owner: [] for owner in owners}
+    if not reads:
+        return per_owner
+    adapter = loaded.info.adapter
+    try:
+        steps = trace.plan_steps(reads, lambda ref: adapter.site(ref, loaded.blocks))
+        envoy = trace.wrap(loaded.model)
+        for batch in progress(batches, desc=f"{name}: batches"):
+            sink, failed = trace.run_batch(envoy, steps, batch)
+            for owner, exc in failed.items():
+                outcome.fail(name, "probe", owner, exc)
+                per_owner.pop(owner, None)
+            for owner in per_owner:
+                per_owner[owner].append(sink[owner])
+            steps = [s for s in (trace.without(step, failed) for step in steps) if s.reads]
+    except Exception as exc:  # the pass itself broke: every probe still reading fails
+        for owner in per_owner:
+            outcome.fail(name, "probe", owner, exc)
+        return {}
+    return per_owner
+
+
 def run_model(plan: Plan, prepared: Prepared, registry: Any, outcome: Outcome, write: bool) -> None:
     """Every probe on one model: one trace per batch, then each probe's dataset."""
     name = prepared.info.name
-    loaded = prepared.loaded
-    if loaded is None:
-        loaded = models_mod.load(prepared.entry, prepared.info, prepared.tokenizer)
+    loaded = prepared.loaded or models_mod.load(prepared.entry, prepared.info, prepared.tokenizer)
     batches = inputs_mod.batches(prepared.prompts, plan.batch_size,
                                  pad_id=inputs_mod.pad_id_of(prepared.tokenizer), device=loaded.device)
-    tasks = [t for t in plan.probes if t.name not in {f["name"] for f in outcome.failures if f["model"] == name}]
-    reads = _probe_reads(tasks, prepared.info, outcome)
-    failed_owners = {f["name"] for f in outcome.failures if f["model"] == name}
-    per_owner: dict[str, list[dict]] = {t.name: [] for t in tasks}
-    if reads:
-        adapter = prepared.info.adapter
-        try:
-            steps = trace.plan_steps(reads, lambda ref: adapter.site(ref, loaded.blocks))
-            envoy = trace.wrap(loaded.model)
-            for batch in progress(batches, desc=f"{name}: batches"):
-                sink, failed = trace.run_batch(envoy, steps, batch)
-                for owner, exc in failed.items():
-                    if owner not in failed_owners:
-                        outcome.fail(name, "probe", owner, exc)
-                        failed_owners.add(owner)
-                for owner, found in sink.items():
-                    per_owner[owner].append(found)
-        except Exception as exc:  # the pass itself broke: every reading probe fails
-            for owner in {o for o, _ in reads} - failed_owners:
-                outcome.fail(name, "probe", owner, exc)
-                failed_owners.add(owner)
+    reads = _probe_reads(plan.probes, prepared.info, outcome)
+    reduced = _trace_all(loaded, reads, batches, outcome)
+    failed = {f["name"] for f in outcome.failures if f["model"] == name}
 
-    for task in progress(tasks, desc=f"{name}: probes"):
-        if task.name in failed_owners:
+    for task in progress(plan.probes, desc=f"{name}: probes"):
+        if task.name in failed:
             continue
-        run = ProbeRun(loaded, prepared.prompts, batches, _by_key(per_owner[task.name]))
+        run = ProbeRun(loaded, prepared.prompts, batches, trace.gather(reduced.get(task.name, [])))
         try:
             dataset = task.probe.build(task.params, run)
             dataset.attrs.update(results.provenance(
@@ -139,10 +147,6 @@ def run_model(plan: Plan, prepared: Prepared, registry: Any, outcome: Outcome, w
         outcome.datasets.setdefault(name, {})[task.name] = dataset
         if write:
             outcome.files.append(results.save(dataset, results.result_path(plan.output_dir, name, task.name)))
-
-
-def _by_key(per_batch: list[dict]) -> dict:
-    return trace.gather(per_batch)
 
 
 def draw(plan: Plan, outcome: Outcome, model_order: Sequence[str]) -> None:
@@ -183,8 +187,7 @@ def execute(
         try:
             run_model(plan, item, registry, outcome, write)
         except ModelLoadError as exc:
-            for task in plan.probes:
-                outcome.fail(item.info.name, "probe", task.name, exc)
+            outcome.fail(item.info.name, "model", item.info.name, exc)
     if write:
         draw(plan, outcome, [p.info.name for p in prepared])
     registry.hook.run_finished(results=outcome.datasets, failures=list(outcome.failures))

@@ -47,6 +47,11 @@ def plan_steps(reads: list[tuple[str, Read]], place: Callable[[Any], Site]) -> l
     return sorted(steps.values(), key=lambda s: s.order)
 
 
+def without(step: Step, owners: Any) -> Step:
+    """``step`` minus the reads of ``owners`` (probes that already failed)."""
+    return Step(step.module, step.port, step.order, [r for r in step.reads if r[0] not in owners])
+
+
 def _apply(step: Step, value: Any, batch: Batch, sink: dict, failed: dict) -> None:
     """Reduce one module's value for every read of it; a read that raises marks its
     owner failed and the other owners go on."""

@@ -1,0 +1,1 @@
+"""Built-in renderers: figures drawn from probe datasets, never from models."""

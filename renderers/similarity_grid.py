@@ -1,0 +1,589 @@
+"""The ``similarity_grid`` renderer: token-by-token similarity heatmaps, models by layers.
+
+It draws the datasets of the ``token_similarity`` probe (one per model) for one prompt:
+one row per model, one column per chosen layer, each panel a lower-triangular heatmap of
+the similarity between token ``i`` (row, top to bottom) and each earlier or equal
+context token ``j <= i`` (column, left to right). Every panel shares one colour scale,
+explained by a single labelled colour bar; the prompt's text is shown beside the grid.
+Only the prompt's real tokens are drawn: padding added to batch prompts never appears.
+
+The question the figure answers: do token representations become more alike with depth,
+and does model size change that?
+
+It reads datasets only, so a saved result can be drawn again without the models::
+
+    from probescope.renderers.similarity_grid import SimilarityGridRenderer
+
+    renderer = SimilarityGridRenderer()
+    params = renderer.Parameters(prompt=0, layers=[1, 5, "last"])
+    figure = renderer.render([small_ds, large_ds], params)
+    figure.savefig("grid.pdf")
+"""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
+
+import matplotlib
+import numpy as np
+import xarray as xr
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from pydantic import Field, field_validator, model_validator
+
+from probescope.errors import PluginError
+from probescope.plugins import hookimpl
+from probescope.probe import Parameters
+from probescope.renderer import Renderer
+
+#: How a layer is chosen, as in the token_similarity probe's ``layers``: a block index
+#: (0-based; negative counts from the end of each model's blocks, so -1 is its last block),
+#: ``"embed"`` for the embedding output, or ``"last"`` (the same as -1).
+LayerChoice = Union[int, Literal["embed", "last"]]
+
+EMBED_LAYER = -1
+
+_METRIC_LABELS = {
+    "cosine": "cosine similarity",
+    "centred_cosine": "centred cosine similarity",
+}
+
+# Layout constants, in inches unless noted.
+_MAX_GRID_WIDTH = 15.0
+_MIN_PANEL = 1.5
+_PROMPT_PANEL_WIDTH = 2.4
+_PROMPT_FONT = 8.5  # points
+_MAX_TICK_FONT = 8.0  # points
+_MIN_TICK_FONT = 4.5  # points: below this token labels give way to positions
+_TOKEN_LABEL_CHARS = 12
+
+
+class SimilarityGridError(PluginError, ValueError):
+    """The datasets or the parameters cannot be drawn as a similarity grid.
+
+    A :class:`~probescope.errors.PluginError` (so the command line reports it without a
+    traceback) and a :class:`ValueError` (so Python callers can catch it as bad input).
+    """
+
+
+class SimilarityGridParameters(Parameters):
+    """Parameters of the ``similarity_grid`` renderer."""
+
+    prompt: int = Field(
+        0,
+        ge=0,
+        description="Which prompt to draw, by its index in the run (the dataset's "
+        "`prompt` coordinate, 0 for the first prompt).",
+    )
+    layers: Optional[tuple[LayerChoice, ...]] = Field(
+        None,
+        description="Which layers to draw, one column each, in this order: block indices "
+        "(0-based; negative ones count from the end of each model's blocks, as in the "
+        "probe's `layers`), \"embed\" or \"last\" (each model's last block, like -1). Every model must have every layer asked for. Default: every layer in the "
+        "datasets (at most `max_columns` of them, evenly spaced); models with different "
+        "layers then each get their own row of layers, every panel titled.",
+    )
+    max_columns: Optional[int] = Field(
+        8,
+        ge=1,
+        description="When `layers` is not given and a model has more layers than this, "
+        "draw this many evenly spaced ones, first and last included. None draws them all.",
+    )
+    vmin: Optional[float] = Field(
+        None,
+        allow_inf_nan=False,
+        description="Bottom of the shared colour scale. Default: the smallest value drawn.",
+    )
+    vmax: Optional[float] = Field(
+        None,
+        allow_inf_nan=False,
+        description="Top of the shared colour scale. Default: the largest value drawn "
+        "(1.0, a token against itself, when the diagonal is shown).",
+    )
+    cmap: str = Field(
+        "YlOrRd",
+        description="Name of a matplotlib colour map; sequential light-to-dark ones "
+        "(YlOrRd, Blues, viridis_r) read best.",
+    )
+    show_diagonal: bool = Field(
+        True,
+        description="Draw the diagonal (each token against itself, always 1). Hiding it "
+        "lets the default colour scale spread over the pairs of distinct tokens.",
+    )
+    max_token_labels: int = Field(
+        40,
+        ge=0,
+        description="Label the axes with the tokens' text when a prompt has at most this "
+        "many tokens (and the labels fit); otherwise mark token positions.",
+    )
+    panel_size: Optional[float] = Field(
+        None,
+        gt=0,
+        le=20,
+        description="Side of each square panel in inches. Default: chosen from the "
+        "number of tokens and columns.",
+    )
+    show_prompt: bool = Field(True, description="Show the prompt's text beside the grid.")
+    title: Optional[str] = Field(None, description="Title above the figure; none by default.")
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, layers: Optional[tuple[Any, ...]]) -> Optional[tuple[Any, ...]]:
+        if layers is None:
+            return None
+        if not layers:
+            raise ValueError("give at least one layer, or leave `layers` out to draw them all")
+        seen: set[Any] = set()
+        for layer in layers:
+            key = -1 if layer == "last" else layer
+            if key in seen:
+                raise ValueError(f"layer {layer!r} is listed twice")
+            seen.add(key)
+        return layers
+
+    @field_validator("cmap")
+    @classmethod
+    def _check_cmap(cls, cmap: str) -> str:
+        if cmap not in matplotlib.colormaps:
+            raise ValueError(
+                f"{cmap!r} is not a matplotlib colour map; use one of matplotlib's names "
+                "such as 'YlOrRd', 'Reds', 'Blues', 'viridis' or 'magma'"
+            )
+        return cmap
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> "SimilarityGridParameters":
+        if self.vmin is not None and self.vmax is not None and self.vmin >= self.vmax:
+            raise ValueError(f"vmin ({self.vmin}) must be below vmax ({self.vmax})")
+        return self
+
+
+@dataclass
+class _Panel:
+    layer: int  # value of the ``layer`` coordinate
+    label: str  # value of ``layer_label``: "embed" or the block index
+    data: np.ma.MaskedArray  # (n, n), masked above the diagonal and where NaN
+
+    @property
+    def title(self) -> str:
+        return "Embedding" if self.label == "embed" else f"Layer {self.label}"
+
+
+@dataclass
+class _Row:
+    model: str
+    n_tokens: int
+    tokens: list[str]
+    prompt_text: Optional[str]
+    metric: Optional[str]
+    layers: list[tuple[int, str]]  # every layer the dataset has: (value, label)
+    similarity: xr.DataArray  # this prompt's values, dims (layer, token, context_token)
+    num_layers: int  # blocks in the model, for negative layer choices
+    panels: list[_Panel] = field(default_factory=list)
+
+
+class SimilarityGridRenderer(Renderer):
+    """Lower-triangular token similarity heatmaps: one row per model, one column per layer.
+
+    Draws the ``token_similarity`` datasets of one run for one prompt, all panels on one
+    colour scale with a labelled colour bar, model names as row labels, ``Layer N`` as
+    column titles, token text on the axes when it fits, and the prompt beside the grid.
+    """
+
+    name = "similarity_grid"
+    version = "0.1.0"
+    probe = "token_similarity"
+    description = (
+        "Token-by-token similarity of hidden states for one prompt, as lower-triangular "
+        "heatmaps: one row per model, one column per layer, one shared colour scale."
+    )
+    Parameters = SimilarityGridParameters
+
+    def render(self, datasets: Sequence[xr.Dataset], params: Any = None) -> Figure:
+        """Draw one prompt of the ``token_similarity`` datasets (one per model, in order).
+
+        :param datasets: the probe's datasets; a dataset with a ``model`` dimension
+            (results combined along models) counts as one dataset per model.
+        :param params: :class:`SimilarityGridParameters`, a mapping of them, or None
+            for the defaults.
+        :raises SimilarityGridError: no datasets, a dataset that is not a
+            ``token_similarity`` result, a prompt or layer a model does not have.
+        """
+        params = _parameters(params)
+        rows = _rows(datasets, params)
+        metric = _metric_label(rows)
+        norm = _norm(rows, params)
+        return _draw(rows, params, norm, metric)
+
+
+# --------------------------------------------------------------------------------------
+# Reading the datasets
+
+
+def _parameters(params: Any) -> SimilarityGridParameters:
+    if params is None:
+        return SimilarityGridParameters()
+    if isinstance(params, SimilarityGridParameters):
+        return params
+    if isinstance(params, Mapping):
+        return SimilarityGridParameters(**params)
+    if isinstance(params, Parameters):
+        return SimilarityGridParameters(**params.model_dump())
+    raise TypeError(
+        f"params must be SimilarityGridParameters or a mapping, not {type(params).__name__}"
+    )
+
+
+def _split_models(datasets: Sequence[xr.Dataset]) -> list[tuple[str, xr.Dataset]]:
+    """(model name, dataset) per model, splitting datasets combined along ``model``."""
+    if isinstance(datasets, xr.Dataset):
+        datasets = [datasets]
+    if datasets is None or len(datasets) == 0:
+        raise SimilarityGridError(
+            "no datasets to draw: similarity_grid needs the token_similarity probe's "
+            "dataset of at least one model"
+        )
+    out = []
+    for index, ds in enumerate(datasets):
+        if not isinstance(ds, xr.Dataset):
+            raise SimilarityGridError(
+                f"dataset {index} is a {type(ds).__name__}, not an xarray.Dataset"
+            )
+        if "model" in ds.dims:
+            names = ds["model"].values if "model" in ds.coords else range(ds.sizes["model"])
+            for k, model in enumerate(names):
+                one = ds.isel(model=k)
+                if "similarity" in one:
+                    # Combining models pads missing layers with NaN: drop those.
+                    sim = one["similarity"]
+                    other = [d for d in sim.dims if d != "layer"]
+                    one = one.isel(layer=np.flatnonzero(sim.notnull().any(other).values))
+                out.append((_text(model), one))
+        else:
+            out.append((str(ds.attrs.get("model") or f"model {index + 1}"), ds))
+    return out
+
+
+def _rows(datasets: Sequence[xr.Dataset], params: SimilarityGridParameters) -> list[_Row]:
+    rows = [_row(model, ds, params.prompt) for model, ds in _split_models(datasets)]
+
+    texts = {row.prompt_text for row in rows if row.prompt_text is not None}
+    if len(texts) > 1:
+        listing = "; ".join(f"{row.model!r}: {row.prompt_text!r}" for row in rows)
+        raise SimilarityGridError(
+            f"the datasets disagree on the text of prompt {params.prompt} ({listing}); "
+            "draw datasets of the same prompts together"
+        )
+
+    for row in rows:
+        chosen = _choose_layers(row, params)
+        row.panels = [_panel(row, value, label, params) for value, label in chosen]
+    return rows
+
+
+def _row(model: str, ds: xr.Dataset, prompt: int) -> _Row:
+    if "similarity" not in ds.data_vars:
+        found = ", ".join(map(str, ds.data_vars)) or "none"
+        raise SimilarityGridError(
+            f"model {model!r}: the dataset has no 'similarity' variable (it has: {found}); "
+            "similarity_grid draws datasets of the token_similarity probe"
+        )
+    sim = ds["similarity"]
+    needed = ("prompt", "layer", "token", "context_token")
+    if set(sim.dims) != set(needed):
+        raise SimilarityGridError(
+            f"model {model!r}: 'similarity' has dimensions {tuple(sim.dims)}, "
+            f"expected {needed}"
+        )
+
+    # Find the prompt by its index (the coordinate), not by position in the file.
+    indices = _index_values(ds, "prompt")
+    if prompt not in indices:
+        if not indices:
+            have = "no prompts"
+        elif indices == list(range(len(indices))):
+            have = f"{len(indices)} prompt(s), indices 0 to {len(indices) - 1}"
+        else:
+            have = f"prompts {', '.join(map(str, indices))}"
+        raise SimilarityGridError(
+            f"prompt {prompt} is out of range for model {model!r}: it has {have}"
+        )
+    pos = indices.index(prompt)
+    one = ds.isel(prompt=pos)
+
+    size = min(ds.sizes["token"], ds.sizes["context_token"])
+    if "n_tokens" in one:
+        n = int(one["n_tokens"].values)
+    elif "token_id" in one:
+        n = int((one["token_id"].values >= 0).sum())
+    else:
+        diagonal = np.diagonal(
+            one["similarity"].transpose(..., "token", "context_token").values, axis1=-2, axis2=-1
+        )
+        n = int(np.isfinite(diagonal).any(axis=0).sum())
+    n = min(n, size)
+    if n <= 0:
+        raise SimilarityGridError(f"model {model!r}: prompt {prompt} has no tokens to draw")
+
+    if "token_text" in one:
+        tokens = [_text(t) for t in one["token_text"].values[:n]]
+    else:
+        tokens = [str(i) for i in range(n)]
+
+    prompt_text = _text(one["prompt_text"].values) if "prompt_text" in one else None
+    metric = ds.attrs.get("metric")
+
+    values = _index_values(ds, "layer")
+    if "layer_label" in ds.coords or "layer_label" in ds:
+        labels = [_text(v) for v in ds["layer_label"].values]
+    else:
+        labels = ["embed" if v == EMBED_LAYER else str(v) for v in values]
+    layers = list(zip(values, labels))
+    similarity = one["similarity"].transpose("layer", "token", "context_token")
+    # The model's depth, for negative layer choices; datasets written without it fall
+    # back to the deepest block they hold.
+    num_layers = int(ds.attrs.get("num_layers", max([v + 1 for v, lab in layers if lab != "embed"], default=0)))
+    return _Row(model, n, tokens, prompt_text, str(metric) if metric else None, layers, similarity, num_layers)
+
+
+def _choose_layers(row: _Row, params: SimilarityGridParameters) -> list[tuple[int, str]]:
+    available = sorted(row.layers)
+    if not available:
+        raise SimilarityGridError(f"model {row.model!r}: the dataset has no layers")
+    if params.layers is None:
+        if params.max_columns is not None and len(available) > params.max_columns:
+            picks = np.unique(np.round(np.linspace(0, len(available) - 1, params.max_columns)))
+            return [available[int(i)] for i in picks]
+        return available
+
+    chosen = []
+    for want in params.layers:
+        if want == "embed":
+            match = [layer for layer in available if layer[1] == "embed" or layer[0] == EMBED_LAYER]
+        else:
+            block = -1 if want == "last" else want
+            if block < 0:
+                block += row.num_layers
+            match = [layer for layer in available if layer[0] == block and layer[1] != "embed"]
+        if not match:
+            have = ", ".join(label for _, label in available)
+            raise SimilarityGridError(
+                f"model {row.model!r} has no layer {want!r}; its layers are: {have}"
+            )
+        chosen.append(match[0])
+    return chosen
+
+
+def _panel(row: _Row, value: int, label: str, params: SimilarityGridParameters) -> _Panel:
+    values = [v for v, _ in row.layers]
+    n = row.n_tokens
+    data = np.asarray(row.similarity.isel(layer=values.index(value)).values, dtype=float)[:n, :n]
+    hide = np.triu(np.ones((n, n), dtype=bool), k=0 if not params.show_diagonal else 1)
+    hide |= ~np.isfinite(data)
+    return _Panel(value, label, np.ma.masked_array(data, mask=hide))
+
+
+def _metric_label(rows: list[_Row]) -> str:
+    metrics = {row.metric for row in rows if row.metric}
+    if len(metrics) > 1:
+        listing = ", ".join(f"{row.model!r}: {row.metric}" for row in rows)
+        raise SimilarityGridError(
+            f"the datasets use different similarity metrics ({listing}); one colour scale "
+            "cannot compare them: draw each metric in its own figure"
+        )
+    if not metrics:
+        return "similarity"
+    metric = metrics.pop()
+    return _METRIC_LABELS.get(metric, f"{metric.replace('_', ' ')} similarity")
+
+
+def _norm(rows: list[_Row], params: SimilarityGridParameters) -> Normalize:
+    drawn = [panel.data.compressed() for row in rows for panel in row.panels]
+    values = np.concatenate(drawn) if drawn else np.array([])
+    if values.size == 0:
+        raise SimilarityGridError(
+            f"prompt {params.prompt}: no similarity values to draw (every value is NaN)"
+        )
+    low, high = float(values.min()), float(values.max())
+    vmin = params.vmin if params.vmin is not None else low
+    vmax = params.vmax if params.vmax is not None else high
+    if vmin >= vmax:
+        if params.vmin is None and params.vmax is None:  # every value drawn is the same
+            vmin, vmax = (vmax - 1.0, vmax) if vmax > 0 else (vmin, vmin + 1.0)
+        elif params.vmax is None:
+            raise SimilarityGridError(
+                f"vmin ({vmin}) is not below the largest value drawn ({high:.4g}); "
+                "give vmax as well, or a smaller vmin"
+            )
+        else:
+            raise SimilarityGridError(
+                f"vmax ({vmax}) is not above the smallest value drawn ({low:.4g}); "
+                "give vmin as well, or a larger vmax"
+            )
+    return Normalize(vmin=vmin, vmax=vmax)
+
+
+# --------------------------------------------------------------------------------------
+# Drawing
+
+
+def _draw(
+    rows: list[_Row], params: SimilarityGridParameters, norm: Normalize, metric: str
+) -> Figure:
+    n_rows = len(rows)
+    n_cols = max(len(row.panels) for row in rows)
+    shared_columns = all(
+        [p.label for p in row.panels] == [p.label for p in rows[0].panels] for row in rows
+    )
+
+    # Panel size: room for the token labels of the longest labelled prompt, within a
+    # sensible figure width.
+    labelled = [row.n_tokens for row in rows if row.n_tokens <= params.max_token_labels]
+    if params.panel_size is not None:
+        side = params.panel_size
+    else:
+        side = min(4.4, max(1.9, 0.1 * max(labelled) + 0.9)) if labelled else 2.2
+        side = max(_MIN_PANEL, min(side, _MAX_GRID_WIDTH / n_cols - 0.2))
+
+    # Per row: token labels (and their font size) or plain positions.
+    fonts = []
+    for row in rows:
+        size = min(_MAX_TICK_FONT, 0.8 * side * 72 / row.n_tokens)
+        use = row.n_tokens <= params.max_token_labels and size >= _MIN_TICK_FONT
+        fonts.append(size if use else None)
+
+    def label_extent(row: _Row, font: Optional[float]) -> float:
+        """Inches taken by a row's tick labels (their longest text, rotated or not)."""
+        if font is None:
+            return 0.25
+        longest = max(len(_display_token(t)) for t in row.tokens)
+        return 0.1 + longest * 0.62 * font / 72
+
+    y_label = max(label_extent(r, f) for r, f in zip(rows, fonts)) + 0.35
+    title_h = 0.3
+    heights = [side + title_h + label_extent(r, f) + 0.1 for r, f in zip(rows, fonts)]
+    grid_w = y_label + n_cols * (side + 0.15) + 1.0  # + colour bar
+    grid_h = sum(heights) + (0.45 if params.title else 0.1)
+    prompt_w = _PROMPT_PANEL_WIDTH if params.show_prompt else 0.0
+    figure = Figure(figsize=(grid_w + prompt_w, max(grid_h, 2.4)), layout="constrained")
+
+    if params.show_prompt:
+        grid_fig, prompt_fig = figure.subfigures(
+            1, 2, width_ratios=[grid_w, prompt_w], wspace=0.0
+        )
+    else:
+        grid_fig, prompt_fig = figure, None
+
+    cmap = matplotlib.colormaps[params.cmap].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
+    spec = grid_fig.add_gridspec(n_rows, n_cols, height_ratios=heights)
+    axes = []
+    image = None
+    for r, (row, font) in enumerate(zip(rows, fonts)):
+        labels = [_display_token(t) for t in row.tokens]
+        for c, panel in enumerate(row.panels):
+            ax = grid_fig.add_subplot(spec[r, c])
+            axes.append(ax)
+            image = ax.imshow(
+                panel.data, cmap=cmap, norm=norm, interpolation="nearest", aspect="equal"
+            )
+            ax.set_xlim(-0.5, row.n_tokens - 0.5)
+            ax.set_ylim(row.n_tokens - 0.5, -0.5)
+            for side_name in ("top", "right"):
+                ax.spines[side_name].set_visible(False)
+            ax.tick_params(length=2, width=0.6, pad=1.5)
+            if font is not None:
+                ax.set_xticks(range(row.n_tokens))
+                ax.set_xticklabels(labels, rotation=90, fontsize=font, parse_math=False)
+                ax.set_yticks(range(row.n_tokens))
+                ax.set_yticklabels(labels, fontsize=font, parse_math=False)
+            else:
+                for axis in (ax.xaxis, ax.yaxis):
+                    axis.set_major_locator(MaxNLocator(nbins=5, integer=True, min_n_ticks=2))
+                ax.tick_params(labelsize=7)
+            if c > 0:
+                ax.tick_params(labelleft=False)
+            else:
+                ax.set_ylabel(
+                    row.model, fontsize=11, fontweight="bold", labelpad=6, parse_math=False
+                )
+            if r == 0 or not shared_columns:
+                ax.set_title(panel.title, fontsize=10, pad=4)
+
+    colorbar = grid_fig.colorbar(
+        image, ax=axes, location="right", shrink=min(1.0, 0.35 + 0.3 * n_rows), aspect=30, pad=0.02
+    )
+    colorbar.set_label(metric, fontsize=9)
+    colorbar.ax.tick_params(labelsize=8)
+    colorbar.outline.set_linewidth(0.6)
+
+    if prompt_fig is not None:
+        _draw_prompt(prompt_fig, rows, params, figure.get_figheight())
+    if params.title:
+        figure.suptitle(params.title, fontsize=12, parse_math=False)
+    return figure
+
+
+def _draw_prompt(
+    sub: Any, rows: list[_Row], params: SimilarityGridParameters, height: float
+) -> None:
+    """The prompt's text, wrapped to the panel beside the grid."""
+    text = rows[0].prompt_text
+    if text is None:  # no prompt_text coordinate: rebuild it from the first model's tokens
+        text = "".join(rows[0].tokens)
+    chars = max(12, int(_PROMPT_PANEL_WIDTH * 0.85 * 72 / (_PROMPT_FONT * 0.55)))
+    lines: list[str] = []
+    for paragraph in text.splitlines() or [""]:
+        lines.extend(textwrap.wrap(paragraph, chars, replace_whitespace=False) or [""])
+    room = max(1, int(height * 0.8 * 72 / (_PROMPT_FONT * 1.35)) - 2)
+    if len(lines) > room:
+        lines = lines[: room - 1] + [lines[room - 1][: chars - 1] + "…"]
+    sub.text(
+        0.06, 0.93, f"Prompt {params.prompt}", fontsize=9.5, fontweight="bold",
+        va="bottom", ha="left", transform=sub.transSubfigure, parse_math=False,
+    )
+    sub.text(
+        0.06, 0.91, "\n".join(lines), fontsize=_PROMPT_FONT, va="top", ha="left",
+        linespacing=1.35, transform=sub.transSubfigure, parse_math=False,
+        bbox={"boxstyle": "round,pad=0.5", "facecolor": "#f6f6f6", "edgecolor": "#bbbbbb",
+              "linewidth": 0.6},
+    )
+
+
+def _display_token(text: str, limit: int = _TOKEN_LABEL_CHARS) -> str:
+    """A token's text as a readable tick label: control characters escaped, a token of
+    only spaces shown as open boxes, long tokens shortened."""
+    if text == "":
+        return "∅"
+    if text.strip(" ") == "":
+        shown = "␣" * len(text)
+    else:
+        shown = "".join(
+            ch if ch == " " or ch.isprintable() else repr(ch)[1:-1] for ch in text
+        )
+    if len(shown) > limit:
+        shown = shown[: limit - 1] + "…"
+    return shown
+
+
+def _index_values(ds: xr.Dataset, dim: str) -> list[int]:
+    """The integer coordinate of ``dim``, or positions where the dataset has none."""
+    if dim in ds.coords:
+        return [int(v) for v in ds[dim].values]
+    return list(range(ds.sizes[dim]))
+
+
+def _text(value: Any) -> str:
+    """A string from a coordinate value (str, bytes, 0-d array)."""
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+@hookimpl
+def register_renderers(register):
+    register(SimilarityGridRenderer())

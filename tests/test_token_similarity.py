@@ -1,0 +1,108 @@
+"""token_similarity against an independent computation: ``output_hidden_states`` and plain
+PyTorch forward hooks on a separate, unwrapped copy of the model."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import probescope
+from conftest import PROMPTS
+
+
+def reference_hidden(model, tokenizer, prompt):
+    """Residual stream of one unpadded prompt: embedding output and every block output.
+
+    ``hidden_states[i]`` is the input of block i; the last entry has the final norm
+    applied, so the last block's own output is taken with a forward hook instead.
+    """
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    blocks = model.transformer.h if hasattr(model, "transformer") else model.model.layers
+    captured = {}
+    handle = blocks[-1].register_forward_hook(
+        lambda mod, args, out: captured.__setitem__("last", out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True)
+    finally:
+        handle.remove()
+    states = [h[0] for h in out.hidden_states[:-1]] + [captured["last"][0]]
+    return states  # states[0] = embedding output, states[l + 1] = after block l
+
+
+def reference_similarity(h, metric="cosine"):
+    h = h.double()
+    if metric == "centred_cosine":
+        h = h - h.mean(dim=0, keepdim=True)
+    n = h.shape[0]
+    sims = torch.full((n, n), float("nan"), dtype=torch.float64)
+    for i in range(n):
+        for j in range(i + 1):
+            sims[i, j] = torch.nn.functional.cosine_similarity(h[i], h[j], dim=0)
+    return sims.numpy()
+
+
+def config(layers, metric="cosine"):
+    return {
+        "inputs": {"prompts": PROMPTS, "batch_size": 2},
+        "probes": [{"use": "token_similarity", "layers": layers, "metric": metric}],
+    }
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("metric", ["cosine", "centred_cosine"])
+def test_matches_hidden_states(family, metric, request, tokenizer):
+    model = request.getfixturevalue(family)
+    bare = copy.deepcopy(model)  # probescope wraps `model`; the reference runs on a bare copy
+    layers = ["embed", 0, 1, -1]
+    result = probescope.run(config(layers, metric), models={family: (model, tokenizer)}, write=False)
+    ds = result[family]["token_similarity"]
+
+    assert list(ds.layer.values) == [-1, 0, 1, 2]  # -1 is the embedding output; -1 in config is block 2
+    assert list(ds.layer_label.values) == ["embed", "0", "1", "2"]
+    assert ds.similarity.dims == ("prompt", "layer", "token", "context_token")
+    assert ds.attrs["metric"] == metric and ds.attrs["architecture"] == family
+
+    lengths = [len(tokenizer(p)["input_ids"]) for p in PROMPTS]
+    assert lengths[0] != lengths[1]  # the batch really is padded
+    assert list(ds.n_tokens.values) == lengths
+    for p, prompt in enumerate(PROMPTS):
+        states = reference_hidden(bare, tokenizer, prompt)
+        n = lengths[p]
+        for li, layer in enumerate(ds.layer.values):
+            expected = reference_similarity(states[layer + 1], metric)
+            got = ds.similarity.isel(prompt=p, layer=li).values
+            np.testing.assert_allclose(got[:n, :n], expected, atol=1e-5, equal_nan=True)
+            # padding rows and columns are NaN, never zero
+            assert np.isnan(got[n:, :]).all() and np.isnan(got[:, n:]).all()
+        ids = tokenizer(prompt)["input_ids"]
+        assert list(ds.token_id.values[p, :n]) == ids
+        assert (ds.token_id.values[p, n:] == -1).all()
+        assert list(ds.token_text.values[p, :n]) == [tokenizer.decode([i]) for i in ids]
+
+
+def test_default_layers_are_every_block(gpt2, tokenizer):
+    ds = probescope.run({"inputs": {"prompts": PROMPTS[:1]}, "probes": [{"use": "token_similarity"}]},
+                        models={"m": (gpt2, tokenizer)}, write=False)["m"]["token_similarity"]
+    assert list(ds.layer.values) == list(range(gpt2.config.n_layer))
+
+
+def test_batch_size_does_not_change_results(gpt2, tokenizer):
+    """Padding never enters a result: one prompt per batch equals both in one batch."""
+    runs = []
+    for batch_size in (1, 2):
+        cfg = config(["embed", 0, 2])
+        cfg["inputs"]["batch_size"] = batch_size
+        runs.append(probescope.run(cfg, models={"m": (gpt2, tokenizer)}, write=False)["m"]["token_similarity"])
+    np.testing.assert_allclose(runs[0].similarity.values, runs[1].similarity.values, atol=1e-6, equal_nan=True)
+
+
+def test_diagonal_is_one_and_upper_triangle_nan(llama, tokenizer):
+    ds = probescope.run(config([0]), models={"m": (llama, tokenizer)}, write=False)["m"]["token_similarity"]
+    sim = ds.similarity.isel(prompt=0, layer=0).values
+    n = int(ds.n_tokens[0])
+    np.testing.assert_allclose(np.diag(sim)[:n], 1.0, atol=1e-5)
+    assert np.isnan(sim[np.triu_indices(sim.shape[0], k=1)]).all()
