@@ -13,7 +13,7 @@ from typing import Literal, Union
 import numpy as np
 import torch
 import xarray as xr
-from pydantic import Field, field_validator
+from pydantic import Field, StrictInt, field_validator
 
 from probescope.architectures.base import EMBED, embed, resid
 from probescope.errors import Problem
@@ -23,7 +23,7 @@ from probescope.probe import Parameters, Probe, ProbeRun, Read
 
 EMBED_LAYER = -1  # value of the `layer` coordinate for the embedding output
 
-LayerSpec = Union[int, Literal["embed"]]
+LayerSpec = Union[StrictInt, Literal["embed"]]
 
 
 class TokenSimilarityParameters(Parameters):

@@ -13,11 +13,11 @@ each with the file, the key path and what was expected. It has two stages:
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from probescope.errors import ConfigError, PluginError, Problem
 from probescope.renderer import FIGURE_FORMATS
@@ -30,6 +30,18 @@ else:  # pragma: no cover
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # names become file and folder names
 
 
+def _check_name(name: str) -> str:
+    """Names become file and folder names: keep them to safe characters."""
+    import re
+
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise ValueError(
+            f"{name!r} is not a valid name: use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit (it becomes a folder or file name)"
+        )
+    return name
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -37,7 +49,7 @@ class _Strict(BaseModel):
 class ModelEntry(_Strict):
     """``[[models]]``: one model to probe."""
 
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str
     path: str | None = None  # local folder (relative to the config file)
     hub: str | None = None  # hub id such as "gpt2"
     revision: str | None = None
@@ -48,6 +60,22 @@ class ModelEntry(_Strict):
     blocks: str | None = None  # block list path, for a family without an adapter
     trust_remote_code: bool = False
     use_safetensors: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        return _check_name(name)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        import torch
+
+        try:
+            torch.device(device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"{device!r} is not a torch device; expected e.g. \"cpu\", \"cuda\", \"cuda:1\" or \"mps\"") from None
+        return device
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelEntry":
@@ -60,7 +88,7 @@ class Inputs(_Strict):
     """``[inputs]``: what is fed to every model."""
 
     prompts: list[str] = Field(min_length=1)
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: StrictInt = Field(default=8, ge=1)
 
     @field_validator("prompts")
     @classmethod
@@ -76,7 +104,12 @@ class ProbeEntry(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     use: str
-    name: str | None = Field(default=None, pattern=NAME_PATTERN)
+    name: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str | None) -> str | None:
+        return None if name is None else _check_name(name)
 
     @property
     def label(self) -> str:
@@ -152,6 +185,14 @@ class Plan:
     probes: list[ProbeTask]
     renderers: list[RendererTask]
     output_dir: Path
+    problems: list[Problem] = field(default_factory=list)  # found so far; see runner.prepare
+    model_index: list[int] = field(default_factory=list)  # position of each model in [[models]]
+
+    def check(self) -> "Plan":
+        """Raise the problems found so far, if any."""
+        if self.problems:
+            raise ConfigError(self.source, self.problems)
+        return self
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -177,26 +218,60 @@ def location(loc: Sequence[Any]) -> str:
     return out
 
 
-def _problems(exc: ValidationError, prefix: Sequence[Any] = ()) -> list[Problem]:
-    problems = []
+_UNION_PARTS = ("str", "int", "float", "bool", "list[...]", "dict[str,any]")
+
+
+def _is_noise(part: Any) -> bool:
+    """Path parts pydantic adds for union members and validators; they say nothing to a user."""
+    return isinstance(part, str) and (
+        part in _UNION_PARTS or part.startswith(("function-", "literal[", "constrained-"))
+    )
+
+
+def _problems(exc: ValidationError, prefix: Sequence[Any] = (), schema: type[BaseModel] | None = None) -> list[Problem]:
+    """Pydantic errors as problems, one per place, worded for people.
+
+    :param schema: the model validated at ``prefix``; its keys are listed when a key is unknown.
+    """
+    by_place: dict[str, list[str]] = {}
     for err in exc.errors():
-        loc = [*prefix, *(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))]
-        # Union members show up as extra path parts ("str", "int"); they say nothing useful.
-        loc = [p for p in loc if p not in ("str", "int", "float", "bool", "list[...]", "dict[str,any]")]
+        loc = [p for p in err["loc"] if not _is_noise(p)]
         kind = err["type"]
         if kind == "extra_forbidden":
-            problems.append(Problem(location(loc[:-1]), f"unknown key {loc[-1]!r}"))
+            expected = _known_keys(schema, loc[:-1])
+            hint = f"; expected {expected}" if expected else ""
+            place, message = location([*prefix, *loc[:-1]]), f"unknown key {loc[-1]!r}{hint}"
+        elif kind == "missing":
+            place, message = location([*prefix, *loc]), "required key is missing"
+        else:
+            message = err["msg"].removeprefix("Value error, ").replace(" after validation", "")
+            if kind != "value_error" and not isinstance(err.get("input"), (dict, list)) and "input" in err:
+                message += f" (got {err['input']!r})"
+            place = location([*prefix, *loc])
+        messages = by_place.setdefault(place, [])
+        if message not in messages:
+            messages.append(message)
+    # A union (say an int or "embed") fails once per member: one problem saying either.
+    return [Problem(place, "; or ".join(messages)) for place, messages in by_place.items()]
+
+
+def _known_keys(schema: type[BaseModel] | None, loc: Sequence[Any]) -> str:
+    """The keys the schema accepts at ``loc`` (nested sections and list items followed)."""
+    for part in loc:
+        if schema is None:
+            return ""
+        if isinstance(part, int):
             continue
-        if kind == "missing":
-            problems.append(Problem(location(loc), "required key is missing"))
-            continue
-        message = err["msg"].removeprefix("Value error, ")
-        if "input" in err and kind not in ("value_error",) and not isinstance(err["input"], (dict, list)):
-            message += f" (got {err['input']!r})"
-        problems.append(Problem(location(loc), message))
-    # Report each place once (a union yields one error per member).
-    unique = list(dict.fromkeys(problems))
-    return unique
+        field = schema.model_fields.get(part)
+        if field is None:
+            return ""
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        schema = candidates[0] if candidates else None
+    if schema is None:
+        return ""
+    return ", ".join(schema.model_fields)
 
 
 def _parameter_problems(plugin: Any, values: Mapping[str, Any], prefix: Sequence[Any]) -> tuple[Any, list[Problem]]:
@@ -213,55 +288,103 @@ def _parameter_problems(plugin: Any, values: Mapping[str, Any], prefix: Sequence
         return None, problems
 
 
+def _section(schema: type[BaseModel], value: Any, prefix: Sequence[Any], problems: list[Problem]) -> Any:
+    """Validate one part of the file on its own, so a mistake in one part does not hide
+    the mistakes in the others. Returns None when it is invalid."""
+    try:
+        return schema.model_validate(value)
+    except ValidationError as exc:
+        problems += _problems(exc, prefix, schema)
+        return None
+
+
+def _entries(schema: type[BaseModel], raw: Mapping[str, Any], key: str, problems: list[Problem]) -> list[tuple[int, Any]]:
+    """``(index, entry)`` for each valid entry of an array of tables such as ``[[probes]]``."""
+    value = raw.get(key, [])
+    if not isinstance(value, list):
+        problems.append(Problem(key, f"expected an array of tables ([[{key}]] entries), got {type(value).__name__}"))
+        return []
+    out = []
+    for i, item in enumerate(value):
+        entry = _section(schema, item, (key, i), problems)
+        if entry is not None:
+            out.append((i, entry))
+    return out
+
+
+def _looks_like_path(text: str) -> bool:
+    """Whether a value could not be a hub id (``name`` or ``org/name``)."""
+    return text.startswith(("/", ".", "~")) or "\\" in text or text.count("/") > 1
+
+
 def validate(
     raw: Mapping[str, Any], registry: Any, *, source: str, base_dir: Path,
     given_models: Sequence[str] = (),
 ) -> Plan:
-    """Check a parsed configuration completely; raise one :class:`ConfigError` listing
-    every problem, or return the :class:`Plan`.
+    """Check a parsed configuration completely, every section on its own, and return the
+    :class:`Plan` of what is valid with every problem found in :attr:`Plan.problems`.
+
+    The caller (:func:`probescope.runner.prepare`) adds the problems that need each
+    model's config and tokenizer, and raises one :class:`ConfigError` with all of them.
 
     :param given_models: names of models the Python API passes in as objects; they count
         as models next to the ``[[models]]`` entries.
     """
-    try:
-        config = RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(source, _problems(exc)) from None
-
     problems: list[Problem] = []
-    if not config.models and not given_models:
+    for key in raw:
+        if key not in RunConfig.model_fields:
+            problems.append(Problem("", f"unknown key {key!r}; expected {', '.join(RunConfig.model_fields)}"))
+
+    models = _entries(ModelEntry, raw, "models", problems)
+    if not raw.get("models") and not given_models:
         problems.append(Problem("models", "at least one [[models]] entry is required"))
+    if "inputs" not in raw:
+        problems.append(Problem("inputs", "required section is missing; it holds prompts = [...]"))
+        inputs = None
+    else:
+        inputs = _section(Inputs, raw["inputs"], ("inputs",), problems)
+    probe_entries = _entries(ProbeEntry, raw, "probes", problems)
+    if not raw.get("probes"):
+        problems.append(Problem("probes", "at least one [[probes]] entry is required"))
+    renderer_entries = _entries(RendererEntry, raw, "renderers", problems)
+    output = _section(Output, raw.get("output", {}), ("output",), problems) or Output()
 
     seen: set[str] = set(given_models)
-    for i, model in enumerate(config.models):
+    valid_models = []
+    for i, model in models:
         if model.name in seen:
             problems.append(Problem(f"models[{i}].name", f"model name {model.name!r} is used twice"))
         seen.add(model.name)
         if model.path is not None:
             folder = (base_dir / model.path).expanduser()
             if not folder.is_dir():
+                hint = "" if _looks_like_path(model.path) else \
+                    f", or write hub = {model.path!r} to load from the Hugging Face hub"
                 problems.append(Problem(
                     f"models[{i}].path",
-                    f"no model folder at {str(folder)!r}; give a folder holding config.json, "
-                    f"or write hub = {model.path!r} to load from the Hugging Face hub",
+                    f"no model folder at {str(folder)!r}; give a folder holding config.json{hint}",
                 ))
-            elif not (folder / "config.json").is_file():
+                continue
+            if not (folder / "config.json").is_file():
                 problems.append(Problem(f"models[{i}].path", f"folder {str(folder)!r} has no config.json"))
+                continue
             model.path = str(folder)
         if model.architecture is not None and model.architecture not in registry.names("architecture"):
             problems.append(Problem(
                 f"models[{i}].architecture",
                 f"unknown architecture {model.architecture!r}; available: {', '.join(registry.names('architecture'))}",
             ))
+            continue
+        valid_models.append((i, model))
 
     probes: list[ProbeTask] = []
-    labels: set[str] = set()
-    for i, entry in enumerate(config.probes):
+    labels: dict[str, str] = {}  # entry label -> probe it uses
+    for i, entry in probe_entries:
         if entry.label in labels:
             problems.append(Problem(
                 f"probes[{i}]", f"two probe entries are named {entry.label!r}; give one a distinct name = \"...\""
             ))
-        labels.add(entry.label)
+        labels[entry.label] = entry.use
         try:
             probe = registry.get("probe", entry.use)
         except PluginError as exc:
@@ -274,8 +397,8 @@ def validate(
 
     renderers: list[RendererTask] = []
     outputs: set[str] = set()
-    output_dir = (base_dir / config.output.dir).expanduser()
-    for i, entry in enumerate(config.renderers):
+    output_dir = (base_dir / output.dir).expanduser()
+    for i, entry in renderer_entries:
         if entry.output in outputs:
             problems.append(Problem(f"renderers[{i}].output", f"two renderers write {entry.output!r}"))
         outputs.add(entry.output)
@@ -284,47 +407,46 @@ def validate(
         except PluginError as exc:
             problems.append(Problem(f"renderers[{i}].use", str(exc)))
             continue
-        drawable = [p for p in config.probes if p.use == renderer.probe]
+        params, found = _parameter_problems(renderer, entry.parameters, ("renderers", i))
+        problems += found
+        drawable = [label for label, use in labels.items() if use == renderer.probe]
         if entry.probe is None:
             if len(drawable) != 1:
-                what = "none" if not drawable else ", ".join(repr(p.label) for p in drawable)
+                what = "none" if not drawable else ", ".join(map(repr, drawable))
                 problems.append(Problem(
                     f"renderers[{i}].probe",
                     f"{renderer.name} draws {renderer.probe} datasets; name the probe entry to draw "
                     f"(entries using {renderer.probe}: {what})",
                 ))
                 continue
-            probe_label = drawable[0].label
+            probe_label = drawable[0]
+        elif entry.probe not in labels:
+            problems.append(Problem(
+                f"renderers[{i}].probe",
+                f"no probe entry named {entry.probe!r}; entries: {', '.join(sorted(labels)) or 'none'}",
+            ))
+            continue
+        elif labels[entry.probe] != renderer.probe:
+            problems.append(Problem(
+                f"renderers[{i}].probe",
+                f"{renderer.name} draws {renderer.probe} datasets, but {entry.probe!r} uses {labels[entry.probe]}",
+            ))
+            continue
         else:
-            match = [p for p in config.probes if p.label == entry.probe]
-            if not match:
-                problems.append(Problem(
-                    f"renderers[{i}].probe",
-                    f"no probe entry named {entry.probe!r}; entries: {', '.join(sorted(labels))}",
-                ))
-                continue
-            if match[0].use != renderer.probe:
-                problems.append(Problem(
-                    f"renderers[{i}].probe",
-                    f"{renderer.name} draws {renderer.probe} datasets, but {entry.probe!r} uses {match[0].use}",
-                ))
-                continue
             probe_label = entry.probe
-        params, found = _parameter_problems(renderer, entry.parameters, ("renderers", i))
-        problems += found
         if params is not None:
             renderers.append(RendererTask(renderer, params, probe_label, output_dir / entry.output, i))
 
-    if problems:
-        raise ConfigError(source, problems)
     return Plan(
         source=source,
-        models=config.models,
-        prompts=config.inputs.prompts,
-        batch_size=config.inputs.batch_size,
+        models=[model for _, model in valid_models],
+        prompts=inputs.prompts if inputs is not None else [],
+        batch_size=inputs.batch_size if inputs is not None else 1,
         probes=probes,
         renderers=renderers,
         output_dir=output_dir,
+        problems=problems,
+        model_index=[i for i, _ in valid_models],
     )
 
 

@@ -50,7 +50,14 @@ class PluginConflictError(PluginError):
 
 
 class ModelLoadError(ProbescopeError):
-    """A model, its config or its tokenizer could not be loaded."""
+    """A model, its config or its tokenizer could not be loaded.
+
+    ``key`` names the model entry's key at fault, when one is.
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 class UnsupportedArchitectureError(ProbescopeError):

@@ -65,7 +65,8 @@ def tokenize(
 ) -> list[Prompt]:
     """Tokenize each text on its own (special tokens as the tokenizer adds them).
 
-    :raises InputError: a text is empty once tokenized, or longer than ``max_positions``.
+    :raises InputError: a text is empty once tokenized, or longer than ``max_positions``
+        (when given; the runner checks lengths itself to report every long prompt).
     """
     prompts = []
     for index, text in enumerate(texts):

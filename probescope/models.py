@@ -116,6 +116,40 @@ def inspect(entry: "ModelEntry", registry: "Registry") -> ModelInfo:
     )
 
 
+def check_layout(entry: "ModelEntry", info: ModelInfo, registry: "Registry") -> None:
+    """Build the model's skeleton on the meta device (no memory, no weights) and check
+    that its adapter finds the block list, so a wrong ``architecture`` or ``blocks``
+    is caught before any weights load."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(info.config, trust_remote_code=entry.trust_remote_code)
+    except Exception:  # a model class that cannot be built this way is checked at load time
+        return
+    try:
+        info.adapter.blocks(skeleton)
+    except UnsupportedArchitectureError as exc:
+        key = "blocks" if entry.blocks is not None and entry.architecture is None else "architecture"
+        model_type = getattr(info.config, "model_type", None)
+        fitting = [a.name for a in registry.all("architecture") if a.handles(info.config)]
+        hint = f"; adapter {fitting[0]!r} handles it" if fitting else ""
+        raise ModelLoadError(f"{exc}; this model's model_type is {model_type!r}{hint}", key=key) from None
+
+
+def unavailable_device(device: str) -> str | None:
+    """Why a torch device cannot be used here, or None when it can."""
+    kind = torch.device(device)
+    if kind.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"device {device!r} asked for, but CUDA is not available on this machine"
+        if kind.index is not None and kind.index >= torch.cuda.device_count():
+            return f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+    if kind.type == "mps" and not torch.backends.mps.is_available():
+        return f"device {device!r} asked for, but MPS is not available on this machine"
+    return None
+
+
 def load_tokenizer(entry: "ModelEntry") -> Any:
     from transformers import AutoTokenizer
 
@@ -143,7 +177,10 @@ def load(entry: "ModelEntry", info: ModelInfo, tokenizer: Any) -> LoadedModel:
             hint = " (only safetensors weights load unless the model entry sets use_safetensors = false)"
         raise ModelLoadError(f"model {entry.name!r}: cannot load weights from {info.source!r}: {exc}{hint}") from exc
     if entry.device_map is None:
-        model = model.to(entry.device)
+        try:
+            model = model.to(entry.device)
+        except Exception as exc:
+            raise ModelLoadError(f"model {entry.name!r}: cannot move it to device {entry.device!r}: {exc}") from exc
     model.eval()
     if entry.dtype == "auto":
         info.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")

@@ -29,6 +29,17 @@ class Renderer:
     probe: ClassVar[str]
     Parameters: ClassVar[type[Parameters]] = Parameters
 
+    def check(self, params: Any, *, prompts: Sequence[str], probe_params: Any, model: Any) -> list:
+        """Problems with ``params`` that can be seen before any model runs, for one model
+        (a prompt index past the run's prompts, a layer the probe will not read).
+
+        :param prompts: the run's prompts.
+        :param probe_params: the validated parameters of the probe entry this draws.
+        :param model: the model's :class:`probescope.models.ModelInfo`.
+        :returns: :class:`probescope.errors.Problem` s, locations relative to the entry.
+        """
+        return []
+
     def render(self, datasets: Sequence[xr.Dataset], params: Any) -> Figure:
         """Draw the datasets (one per model). Build the figure with
         ``matplotlib.figure.Figure`` rather than pyplot, so no global state is touched."""

@@ -17,7 +17,7 @@ from probescope import inputs as inputs_mod
 from probescope import models as models_mod
 from probescope import results, trace
 from probescope.config import Plan, ProbeTask
-from probescope.errors import ConfigError, InputError, ModelLoadError, Problem, ProbescopeError, RunFailed
+from probescope.errors import ConfigError, ModelLoadError, Problem, ProbescopeError, RunFailed
 from probescope.probe import ProbeRun
 from probescope.progress import progress
 
@@ -48,12 +48,13 @@ class Outcome:
 
 def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedModel] = {}) -> list[Prepared]:
     """Stage two of validation: read every model's config and tokenizer (no weights),
-    then check probes and prompts against them. Raises one :class:`ConfigError` with
-    every problem of every model."""
-    problems: list[Problem] = []
+    build its skeleton on the meta device to find its blocks, then check devices, probes
+    and prompts against it. Raises one :class:`ConfigError` with the problems of both
+    stages, or returns the models ready to load."""
+    problems: list[Problem] = list(plan.problems)
     prepared: list[Prepared] = []
     candidates: list[tuple[str, Any, Any]] = []  # (location, entry, loaded)
-    for i, entry in enumerate(plan.models):
+    for i, entry in zip(plan.model_index, plan.models):
         candidates.append((f"models[{i}]", entry, None))
     for name, loaded in given.items():
         candidates.append((f"models.{name}", None, loaded))
@@ -64,19 +65,35 @@ def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedMode
                 info, tokenizer = loaded.info, loaded.tokenizer
             else:
                 info = models_mod.inspect(entry, registry)
+                models_mod.check_layout(entry, info, registry)
                 tokenizer = models_mod.load_tokenizer(entry)
         except ProbescopeError as exc:
-            problems.append(Problem(where, str(exc)))
+            key = getattr(exc, "key", None)
+            problems.append(Problem(f"{where}.{key}" if key else where, str(exc)))
             continue
-        try:
-            prompts = inputs_mod.tokenize(tokenizer, plan.prompts, max_positions=info.max_positions,
-                                          model_name=info.name)
-        except InputError as exc:
-            problems.append(Problem("inputs.prompts", str(exc)))
-            continue
+        if entry is not None and entry.device_map is None:
+            unavailable = models_mod.unavailable_device(entry.device)
+            if unavailable:
+                problems.append(Problem(f"{where}.device", unavailable))
+        prompts = inputs_mod.tokenize(tokenizer, plan.prompts, model_name=info.name)
+        for prompt in prompts:
+            if info.max_positions is not None and len(prompt) > info.max_positions:
+                problems.append(Problem(
+                    f"inputs.prompts[{prompt.index}]",
+                    f"model {info.name!r}: the prompt is {len(prompt)} tokens long, but the model "
+                    f"takes at most {info.max_positions}; shorten it",
+                ))
         for task in plan.probes:
             for problem in task.probe.check(task.params, info):
                 loc = f"probes[{task.index}]" + (f".{problem.location}" if problem.location else "")
+                problems.append(Problem(loc, f"model {info.name!r}: {problem.message}"))
+        probe_params = {task.name: task.params for task in plan.probes}
+        for task in plan.renderers:
+            if task.probe not in probe_params:
+                continue
+            for problem in task.renderer.check(task.params, prompts=plan.prompts,
+                                               probe_params=probe_params[task.probe], model=info):
+                loc = f"renderers[{task.index}]" + (f".{problem.location}" if problem.location else "")
                 problems.append(Problem(loc, f"model {info.name!r}: {problem.message}"))
         prepared.append(Prepared(info, tokenizer, prompts, entry, loaded))
     if problems:

@@ -202,6 +202,27 @@ class SimilarityGridRenderer(Renderer):
     )
     Parameters = SimilarityGridParameters
 
+    def check(self, params, *, prompts, probe_params, model):
+        """The prompt must be one of the run's, and every layer one the probe reads."""
+        from probescope.errors import Problem
+        from probescope.probes.token_similarity import EMBED_LAYER as PROBE_EMBED, resolve_layers
+
+        problems = []
+        if params.prompt >= len(prompts):
+            problems.append(Problem("prompt", f"prompt {params.prompt} is out of range: the run has "
+                                              f"{len(prompts)} prompts (0 to {len(prompts) - 1})"))
+        read = resolve_layers(getattr(probe_params, "layers", None), model.num_layers)
+        for i, want in enumerate(params.layers or ()):
+            if want == "embed":
+                value = PROBE_EMBED
+            else:
+                value = -1 if want == "last" else want
+                value = value + model.num_layers if value < 0 else value
+            if value not in read:
+                have = ", ".join("embed" if v == PROBE_EMBED else str(v) for v in read)
+                problems.append(Problem(f"layers[{i}]", f"layer {want!r} is not among the layers the probe reads ({have})"))
+        return problems
+
     def render(self, datasets: Sequence[xr.Dataset], params: Any = None) -> Figure:
         """Draw one prompt of the ``token_similarity`` datasets (one per model, in order).
 
