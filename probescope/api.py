@@ -58,24 +58,21 @@ def render(
 
     :returns: the matplotlib Figure.
     """
-    from probescope.errors import ConfigError
-    from probescope.renderer import FIGURE_FORMATS
+    from probescope.errors import ConfigError, PluginError, Problem
+    from probescope.renderer import figure_format_problem
 
+    if output is not None and figure_format_problem(output):
+        raise ConfigError(str(output), [Problem("", figure_format_problem(output))])
     registry = registry or load_registry()
     plugin = registry.get("renderer", renderer)
-    values, problems = config_mod._parameter_problems(plugin, params, ())
+    values, problems = config_mod.parameter_problems(plugin, params, ())
     if problems:
         raise ConfigError(f"renderer {renderer}", problems)
     loaded = [results.load(d) if isinstance(d, (str, Path)) else d for d in datasets]
     wrong = [ds.attrs.get("probe", "?") for ds in loaded if ds.attrs.get("probe") != plugin.probe]
     if wrong:
-        from probescope.errors import PluginError
-
         raise PluginError(f"{renderer} draws {plugin.probe} datasets, got datasets of {', '.join(map(repr, wrong))}")
     figure = plugin.render(loaded, values)
     if output is not None:
-        output = Path(output)
-        if output.suffix.lower() not in FIGURE_FORMATS:
-            raise ConfigError(str(output), [config_mod.Problem("", f"figure file must end in one of {', '.join(FIGURE_FORMATS)}")])
-        runner.save_figure(figure, output)
+        runner.save_figure(figure, Path(output))
     return figure

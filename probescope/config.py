@@ -20,7 +20,7 @@ from typing import Any, Literal, Mapping, Sequence
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from probescope.errors import ConfigError, PluginError, Problem
-from probescope.renderer import FIGURE_FORMATS
+from probescope.renderer import figure_format_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -132,10 +132,9 @@ class RendererEntry(BaseModel):
     @field_validator("output")
     @classmethod
     def _figure_format(cls, output: str) -> str:
-        if Path(output).suffix.lower() not in FIGURE_FORMATS:
-            raise ValueError(
-                f"figure file {output!r} must end in one of {', '.join(FIGURE_FORMATS)}"
-            )
+        problem = figure_format_problem(output)
+        if problem:
+            raise ValueError(problem)
         return output
 
     @property
@@ -274,7 +273,7 @@ def _known_keys(schema: type[BaseModel] | None, loc: Sequence[Any]) -> str:
     return ", ".join(schema.model_fields)
 
 
-def _parameter_problems(plugin: Any, values: Mapping[str, Any], prefix: Sequence[Any]) -> tuple[Any, list[Problem]]:
+def parameter_problems(plugin: Any, values: Mapping[str, Any], prefix: Sequence[Any]) -> tuple[Any, list[Problem]]:
     try:
         return plugin.Parameters(**values), []
     except ValidationError as exc:
@@ -390,7 +389,7 @@ def validate(
         except PluginError as exc:
             problems.append(Problem(f"probes[{i}].use", str(exc)))
             continue
-        params, found = _parameter_problems(probe, entry.parameters, ("probes", i))
+        params, found = parameter_problems(probe, entry.parameters, ("probes", i))
         problems += found
         if params is not None:
             probes.append(ProbeTask(entry.label, probe, params, i))
@@ -407,7 +406,7 @@ def validate(
         except PluginError as exc:
             problems.append(Problem(f"renderers[{i}].use", str(exc)))
             continue
-        params, found = _parameter_problems(renderer, entry.parameters, ("renderers", i))
+        params, found = parameter_problems(renderer, entry.parameters, ("renderers", i))
         problems += found
         drawable = [label for label, use in labels.items() if use == renderer.probe]
         if entry.probe is None:

@@ -6,6 +6,7 @@ after the model is gone (``probescope render``).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import xarray as xr
@@ -14,6 +15,13 @@ from matplotlib.figure import Figure
 from probescope.probe import Parameters
 
 FIGURE_FORMATS = (".png", ".pdf", ".svg")
+
+
+def figure_format_problem(output: str | Path) -> str | None:
+    """Why ``output`` cannot be a figure file, or None when its extension is one we write."""
+    if Path(output).suffix.lower() in FIGURE_FORMATS:
+        return None
+    return f"figure file {str(output)!r} must end in one of {', '.join(FIGURE_FORMATS)}"
 
 
 class Renderer:

@@ -93,12 +93,12 @@ def combine(datasets: Mapping[str, xr.Dataset] | list[xr.Dataset], dim: str = "m
     else:
         items = list(datasets)
         names = [ds.attrs.get("model", f"model{i}") for i, ds in enumerate(items)]
-    per_model = ("model", "model_id", "model_revision", "architecture", "dtype", "created")
+    per_model = ("model_id", "model_revision", "architecture", "num_layers", "dtype", "created")
     prepared = []
     for name, ds in zip(names, items):
         ds = ds.copy()
-        extra = {key: ds.attrs.pop(key) for key in per_model if key in ds.attrs}
-        extra.pop("model", None)
-        ds = ds.expand_dims({dim: [name]}).assign_coords({f"model_{k}" if not k.startswith("model") else k: (dim, [v]) for k, v in extra.items()})
-        prepared.append(ds)
+        ds.attrs.pop("model", None)
+        coords = {key if key.startswith("model_") else f"model_{key}": (dim, [ds.attrs.pop(key)])
+                  for key in per_model if key in ds.attrs}
+        prepared.append(ds.expand_dims({dim: [name]}).assign_coords(coords))
     return xr.concat(prepared, dim=dim, join="outer", combine_attrs="drop_conflicts", coords="different", compat="equals")

@@ -166,3 +166,19 @@ def test_demo_runs_offline(tmp_path, capsys):
     medium = probescope.load(results / "medium" / "token_similarity.nc")
     # two sizes, as promised: the last block of each ("-1" in the demo config) differs
     assert small.layer.values[-1] < medium.layer.values[-1]
+
+
+def test_combine_models_of_different_depth(gpt2, llama, tokenizer):
+    """Several models' datasets line up along `model`; a layer one model lacks is NaN."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    deeper = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=5, n_embd=32, n_head=4)).eval()
+    config = {"inputs": {"prompts": PROMPTS}, "probes": [{"use": "token_similarity"}]}
+    results = probescope.run(config, models={"shallow": (gpt2, tokenizer), "deep": (deeper, tokenizer)}, write=False)
+    shallow, deep = results["shallow"]["token_similarity"], results["deep"]["token_similarity"]
+    both = probescope.combine({"shallow": shallow, "deep": deep})
+    assert list(both.model.values) == ["shallow", "deep"]
+    assert list(both.model_num_layers.values) == [3, 5] and list(both.layer.values) == [0, 1, 2, 3, 4]
+    xr.testing.assert_equal(both.similarity.sel(model="deep", drop=True), deep.similarity)
+    np.testing.assert_array_equal(both.similarity.sel(model="shallow", layer=[0, 1, 2]).values, shallow.similarity.values)
+    assert np.isnan(both.similarity.sel(model="shallow", layer=[3, 4]).values).all()
