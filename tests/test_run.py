@@ -182,3 +182,22 @@ def test_combine_models_of_different_depth(gpt2, llama, tokenizer):
     xr.testing.assert_equal(both.similarity.sel(model="deep", drop=True), deep.similarity)
     np.testing.assert_array_equal(both.similarity.sel(model="shallow", layer=[0, 1, 2]).values, shallow.similarity.values)
     assert np.isnan(both.similarity.sel(model="shallow", layer=[3, 4]).values).all()
+
+
+def test_api_failure_keeps_the_other_datasets(gpt2, tokenizer):
+    class Broken(probescope.Probe):
+        name = "broken"
+
+        def build(self, params, run):
+            raise KeyError("no such thing")
+
+    class Plugin:
+        @probescope.hookimpl
+        def register_probes(self, register):
+            register(Broken())
+
+    config = {"inputs": {"prompts": PROMPTS}, "probes": [{"use": "token_similarity", "layers": [0]}, {"use": "broken"}]}
+    with pytest.raises(probescope.RunFailed) as info:
+        probescope.run(config, models={"m": (gpt2, tokenizer)}, write=False, plugins=[("local", Plugin())])
+    assert info.value.failures == [{"model": "m", "step": "probe", "name": "broken", "error": "KeyError: 'no such thing'"}]
+    assert list(info.value.datasets["m"]) == ["token_similarity"]
