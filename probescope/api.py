@@ -25,9 +25,9 @@ def run(
     :param config: a TOML file path, or the same structure as a dict (relative paths in a
         dict are taken from the current directory).
     :param models: models already built in this process, as ``{name: (model, tokenizer)}``,
-        probed next to the config's ``[[models]]``. Note that probescope traces them with
-        nnsight, which installs a controller ``forward`` on each of their modules: inert
-        outside a trace, but it stays on your model object. Pass a copy to keep yours bare.
+        probed next to the config's ``[[models]]``. They are put in eval mode. probescope
+        traces them with nnsight, which installs a controller ``forward`` on each module;
+        probescope removes it again when the run ends, so your model comes back as it was.
     :param write: also write datasets and figures under the config's output directory.
     :param plugins: extra ``(name, plugin)`` pairs, for plugins defined outside a package.
     :raises ConfigError: the configuration is invalid; nothing was run or written.

@@ -123,15 +123,15 @@ def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list, outco
     adapter = loaded.info.adapter
     try:
         steps = trace.plan_steps(reads, lambda ref: adapter.site(ref, loaded.blocks))
-        envoy = trace.wrap(loaded.model)
-        for batch in progress(batches, desc=f"{name}: batches"):
-            sink, failed = trace.run_batch(envoy, steps, batch)
-            for owner, exc in failed.items():
-                outcome.fail(name, "probe", owner, exc)
-                per_owner.pop(owner, None)
-            for owner in per_owner:
-                per_owner[owner].append(sink[owner])
-            steps = [s for s in (trace.without(step, failed) for step in steps) if s.reads]
+        with trace.wrapped(loaded.model) as envoy:
+            for batch in progress(batches, desc=f"{name}: batches"):
+                sink, failed = trace.run_batch(envoy, steps, batch)
+                for owner, exc in failed.items():
+                    outcome.fail(name, "probe", owner, exc)
+                    per_owner.pop(owner, None)
+                for owner in per_owner:
+                    per_owner[owner].append(sink[owner])
+                steps = [s for s in (trace.without(step, failed) for step in steps) if s.reads]
     except Exception as exc:  # the pass itself broke: every probe still reading fails
         for owner in per_owner:
             outcome.fail(name, "probe", owner, exc)

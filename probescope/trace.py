@@ -10,8 +10,9 @@ last site anyone asked for, so layers after it and the unembedding never run.
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import nnsight
 import torch
@@ -89,13 +90,24 @@ def run_batch(envoy: Any, steps: list[Step], batch: Batch) -> tuple[dict, dict]:
     return sink, failed
 
 
-def wrap(model: torch.nn.Module) -> Any:
-    """The nnsight view of ``model``.
+@contextmanager
+def wrapped(model: torch.nn.Module) -> Iterator[Any]:
+    """The nnsight view of ``model`` for the duration of a block.
 
-    nnsight installs a controller ``forward`` on each module of the model it wraps; it is
-    inert outside a trace but stays on the model object afterwards.
+    nnsight installs a controller ``forward`` (and its state) in each module's
+    ``__dict__``, and leaves them there. On leaving the block every attribute it added is
+    removed and any ``forward`` it replaced is put back, so a model the user handed in
+    comes back exactly as it was: a later bare forward pays nothing for having been probed.
     """
-    return nnsight.NNsight(model)
+    before = {module: dict(module.__dict__) for module in model.modules()}
+    try:
+        yield nnsight.NNsight(model)
+    finally:
+        for module, attrs in before.items():
+            for key in set(module.__dict__) - set(attrs):
+                del module.__dict__[key]
+            if "forward" in attrs and module.__dict__.get("forward") is not attrs["forward"]:
+                module.__dict__["forward"] = attrs["forward"]
 
 
 def gather(per_batch: list[dict[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:

@@ -201,3 +201,27 @@ def test_api_failure_keeps_the_other_datasets(gpt2, tokenizer):
         probescope.run(config, models={"m": (gpt2, tokenizer)}, write=False, plugins=[("local", Plugin())])
     assert info.value.failures == [{"model": "m", "step": "probe", "name": "broken", "error": "KeyError: 'no such thing'"}]
     assert list(info.value.datasets["m"]) == ["token_similarity"]
+
+
+def test_a_model_passed_in_comes_back_unwrapped(tokenizer):
+    """nnsight leaves a controller `forward` on every module it wraps; probescope removes it."""
+    import torch
+
+    from probescope import demo
+
+    model = demo.build_gpt2(tokenizer, n_layer=2, n_embd=16, n_head=2, seed=3)
+    own_forward = model.transformer.h[1].forward  # a user's instance-level forward survives too
+    model.transformer.h[1].forward = own_forward
+    before = {name: dict(module.__dict__) for name, module in model.named_modules()}
+    ids = torch.tensor([tokenizer("a b c")["input_ids"]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    probescope.run({"inputs": {"prompts": ["a b c"]}, "probes": [{"use": "token_similarity"}]},
+                   models={"m": (model, tokenizer)}, write=False)
+    for name, module in model.named_modules():
+        assert module.__dict__.keys() == before[name].keys(), name
+        for key, value in before[name].items():
+            assert module.__dict__[key] is value, (name, key)
+    assert "forward" not in model.transformer.h[0].__dict__
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
