@@ -3,11 +3,13 @@
 Validation happens in full before any model loads and reports every problem at once,
 each with the file, the key path and what was expected. It has two stages:
 
-1. :func:`validate` checks the file against the schema and each probe's and renderer's
-   own parameter schema, and that referenced folders exist (no model is touched);
-2. the runner (:func:`probescope.runner.prepare`) then checks what needs a model's config
-   and tokenizer but no weights: layer indices in range, prompts no longer than the model
-   takes; its problems are reported the same way.
+1. :func:`validate` checks each section and entry of the file on its own (so one mistake
+   does not hide another) against the schema and each probe's and renderer's parameter
+   schema, and that referenced folders exist; no model is touched. It returns a
+   :class:`Plan` of what is valid, carrying the problems found;
+2. :func:`probescope.runner.prepare` adds what needs each model's config and tokenizer
+   but no weights (layers in range, prompts no longer than the model takes, the adapter
+   finds the blocks) and raises one :class:`ConfigError` with the problems of both stages.
 """
 
 from __future__ import annotations
@@ -149,6 +151,9 @@ class Output(_Strict):
 
 
 class RunConfig(_Strict):
+    """The file's sections. :func:`validate` checks each one separately against its own
+    schema; this class names them and their defaults."""
+
     models: list[ModelEntry] = Field(default_factory=list)
     inputs: Inputs
     probes: list[ProbeEntry] = Field(min_length=1)
@@ -186,12 +191,6 @@ class Plan:
     output_dir: Path
     problems: list[Problem] = field(default_factory=list)  # found so far; see runner.prepare
     model_index: list[int] = field(default_factory=list)  # position of each model in [[models]]
-
-    def check(self) -> "Plan":
-        """Raise the problems found so far, if any."""
-        if self.problems:
-            raise ConfigError(self.source, self.problems)
-        return self
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

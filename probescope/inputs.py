@@ -56,28 +56,19 @@ def token_label(tokenizer: Any, token_id: int) -> str:
     return str(text)
 
 
-def tokenize(
-    tokenizer: Any,
-    texts: Sequence[str],
-    *,
-    max_positions: int | None = None,
-    model_name: str = "model",
-) -> list[Prompt]:
+def tokenize(tokenizer: Any, texts: Sequence[str], *, model_name: str = "model") -> list[Prompt]:
     """Tokenize each text on its own (special tokens as the tokenizer adds them).
 
-    :raises InputError: a text is empty once tokenized, or longer than ``max_positions``
-        (when given; the runner checks lengths itself to report every long prompt).
+    Lengths are not checked here: the runner checks every prompt against each model's
+    longest input and reports all that are too long at once.
+
+    :raises InputError: a text has no tokens at all.
     """
     prompts = []
     for index, text in enumerate(texts):
         ids = tuple(int(i) for i in tokenizer(text)["input_ids"])
         if not ids:
             raise InputError(f"model {model_name!r}: prompt {index} ({text!r}) has no tokens")
-        if max_positions is not None and len(ids) > max_positions:
-            raise InputError(
-                f"model {model_name!r}: prompt {index} is {len(ids)} tokens long, "
-                f"but the model takes at most {max_positions}; shorten it"
-            )
         prompts.append(Prompt(index, text, ids, tuple(token_label(tokenizer, i) for i in ids)))
     return prompts
 

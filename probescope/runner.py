@@ -17,7 +17,7 @@ from probescope import inputs as inputs_mod
 from probescope import models as models_mod
 from probescope import results, trace
 from probescope.config import Plan, ProbeTask
-from probescope.errors import ConfigError, ModelLoadError, Problem, ProbescopeError, RunFailed
+from probescope.errors import ConfigError, InputError, ModelLoadError, Problem, ProbescopeError, RunFailed
 from probescope.probe import ProbeRun
 from probescope.progress import progress
 
@@ -75,7 +75,11 @@ def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedMode
             unavailable = models_mod.unavailable_device(entry.device)
             if unavailable:
                 problems.append(Problem(f"{where}.device", unavailable))
-        prompts = inputs_mod.tokenize(tokenizer, plan.prompts, model_name=info.name)
+        try:
+            prompts = inputs_mod.tokenize(tokenizer, plan.prompts, model_name=info.name)
+        except InputError as exc:
+            problems.append(Problem("inputs.prompts", str(exc)))
+            continue
         for prompt in prompts:
             if info.max_positions is not None and len(prompt) > info.max_positions:
                 problems.append(Problem(
@@ -83,22 +87,24 @@ def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedMode
                     f"model {info.name!r}: the prompt is {len(prompt)} tokens long, but the model "
                     f"takes at most {info.max_positions}; shorten it",
                 ))
-        for task in plan.probes:
-            for problem in task.probe.check(task.params, info):
-                loc = f"probes[{task.index}]" + (f".{problem.location}" if problem.location else "")
-                problems.append(Problem(loc, f"model {info.name!r}: {problem.message}"))
         probe_params = {task.name: task.params for task in plan.probes}
+        for task in plan.probes:
+            problems += _scoped(f"probes[{task.index}]", info.name, task.probe.check(task.params, info))
         for task in plan.renderers:
-            if task.probe not in probe_params:
-                continue
-            for problem in task.renderer.check(task.params, prompts=plan.prompts,
-                                               probe_params=probe_params[task.probe], model=info):
-                loc = f"renderers[{task.index}]" + (f".{problem.location}" if problem.location else "")
-                problems.append(Problem(loc, f"model {info.name!r}: {problem.message}"))
+            if task.probe in probe_params:
+                found = task.renderer.check(task.params, prompts=plan.prompts,
+                                            probe_params=probe_params[task.probe], model=info)
+                problems += _scoped(f"renderers[{task.index}]", info.name, found)
         prepared.append(Prepared(info, tokenizer, prompts, entry, loaded))
     if problems:
         raise ConfigError(plan.source, problems)
     return prepared
+
+
+def _scoped(entry: str, model: str, problems: Sequence[Problem]) -> list[Problem]:
+    """A plugin's problems (located within its entry) as problems of the whole file."""
+    return [Problem(entry + (f".{p.location}" if p.location else ""), f"model {model!r}: {p.message}")
+            for p in problems]
 
 
 def _probe_reads(tasks: Sequence[ProbeTask], info: models_mod.ModelInfo, outcome: Outcome) -> list:
