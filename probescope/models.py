@@ -29,6 +29,14 @@ DTYPES = {
 }
 
 
+def _dtype_kwarg() -> str:
+    """``from_pretrained`` takes ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
 @dataclass
 class ModelInfo:
     """What is known about a model before its weights load."""
@@ -166,7 +174,7 @@ def load(entry: "ModelEntry", info: ModelInfo, tokenizer: Any) -> LoadedModel:
 
     kwargs = _hub_kwargs(entry)
     kwargs["use_safetensors"] = entry.use_safetensors
-    kwargs["dtype"] = "auto" if entry.dtype == "auto" else DTYPES[entry.dtype]
+    kwargs[_dtype_kwarg()] = "auto" if entry.dtype == "auto" else DTYPES[entry.dtype]
     if entry.device_map is not None:
         kwargs["device_map"] = entry.device_map
     try:
