@@ -79,9 +79,10 @@ def run_batch(envoy: Any, steps: list[Step], batch: Batch) -> tuple[dict, dict]:
     """
     owners = {owner for step in steps for owner, _, _ in step.reads}
     ports = [(_envoy_at(envoy, step.module), step.port) for step in steps]
-    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+    # input_ids goes positionally: nnsight 0.5 finds no batch in keyword-only inputs.
+    kwargs = {"attention_mask": batch.attention_mask, "use_cache": False}
     with torch.inference_mode():
-        with envoy.trace(**inputs) as tracer:
+        with envoy.trace(batch.input_ids, **kwargs) as tracer:
             sink = nnsight.save({owner: {} for owner in owners})
             failed = nnsight.save({})
             for step, (module, port) in zip(steps, ports):
