@@ -25,21 +25,27 @@ def run(
     :param config: a TOML file path, or the same structure as a dict (relative paths in a
         dict are taken from the current directory).
     :param models: models already built in this process, as ``{name: (model, tokenizer)}``,
-        probed next to the config's ``[[models]]``. They are put in eval mode. probescope
-        traces them with nnsight, which installs a controller ``forward`` on each module;
-        probescope removes it again when the run ends, so your model comes back as it was.
+        probed next to the config's ``[[models]]``, in eval mode. probescope traces them
+        with nnsight, which installs a controller ``forward`` on each module; probescope
+        removes it again, and restores the training flag, when the run ends, so your model
+        comes back as it was.
     :param write: also write datasets and figures under the config's output directory.
     :param plugins: extra ``(name, plugin)`` pairs, for plugins defined outside a package.
     :raises ConfigError: the configuration is invalid; nothing was run or written.
     :raises RunFailed: some probes or renderers failed; ``.datasets`` holds the others.
     """
     registry = load_registry(plugins)
-    given = {
-        name: models_mod.from_objects(name, model, tokenizer, registry)
-        for name, (model, tokenizer) in (models or {}).items()
-    }
-    plan = config_mod.load_plan(config, registry, given_models=list(given))
-    return runner.execute(plan, registry, given, write=write).datasets
+    modes = {name: model.training for name, (model, _) in (models or {}).items()}
+    try:
+        given = {
+            name: models_mod.from_objects(name, model, tokenizer, registry)
+            for name, (model, tokenizer) in (models or {}).items()
+        }
+        plan = config_mod.load_plan(config, registry, given_models=list(given))
+        return runner.execute(plan, registry, given, write=write).datasets
+    finally:
+        for name, (model, _) in (models or {}).items():
+            model.train(modes[name])
 
 
 def load(path: str | Path) -> xr.Dataset:

@@ -204,18 +204,20 @@ def test_api_failure_keeps_the_other_datasets(gpt2, tokenizer):
 
 
 def test_a_model_passed_in_comes_back_unwrapped(tokenizer):
-    """nnsight leaves a controller `forward` on every module it wraps; probescope removes it."""
+    """nnsight leaves a controller `forward` on every module it wraps; probescope removes
+    it, and hands back the training flag the model came with."""
     import torch
 
     from probescope import demo
 
     model = demo.build_gpt2(tokenizer, n_layer=2, n_embd=16, n_head=2, seed=3)
-    own_forward = model.transformer.h[1].forward  # a user's instance-level forward survives too
-    model.transformer.h[1].forward = own_forward
-    before = {name: dict(module.__dict__) for name, module in model.named_modules()}
     ids = torch.tensor([tokenizer("a b c")["input_ids"]])
     with torch.no_grad():
         expected = model(ids).logits
+    own_forward = model.transformer.h[1].forward  # a user's instance-level forward survives too
+    model.transformer.h[1].forward = own_forward
+    model.train()  # training mode is the user's choice; it must survive the run
+    before = {name: dict(module.__dict__) for name, module in model.named_modules()}
     probescope.run({"inputs": {"prompts": ["a b c"]}, "probes": [{"use": "token_similarity"}]},
                    models={"m": (model, tokenizer)}, write=False)
     for name, module in model.named_modules():
@@ -223,5 +225,6 @@ def test_a_model_passed_in_comes_back_unwrapped(tokenizer):
         for key, value in before[name].items():
             assert module.__dict__[key] is value, (name, key)
     assert "forward" not in model.transformer.h[0].__dict__
+    model.eval()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, expected)
