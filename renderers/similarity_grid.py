@@ -37,14 +37,13 @@ from pydantic import Field, field_validator, model_validator
 from probescope.errors import PluginError
 from probescope.plugins import hookimpl
 from probescope.probe import Parameters
+from probescope.probes.token_similarity import EMBED_LAYER, resolve_layers
 from probescope.renderer import Renderer
 
 #: How a layer is chosen, as in the token_similarity probe's ``layers``: a block index
 #: (0-based; negative counts from the end of each model's blocks, so -1 is its last block),
 #: ``"embed"`` for the embedding output, or ``"last"`` (the same as -1).
 LayerChoice = Union[int, Literal["embed", "last"]]
-
-EMBED_LAYER = -1
 
 _METRIC_LABELS = {
     "cosine": "cosine similarity",
@@ -205,7 +204,6 @@ class SimilarityGridRenderer(Renderer):
     def check(self, params, *, prompts, probe_params, model):
         """The prompt must be one of the run's, and every layer one the probe reads."""
         from probescope.errors import Problem
-        from probescope.probes.token_similarity import EMBED_LAYER as PROBE_EMBED, resolve_layers
 
         problems = []
         if params.prompt >= len(prompts):
@@ -214,12 +212,12 @@ class SimilarityGridRenderer(Renderer):
         read = resolve_layers(getattr(probe_params, "layers", None), model.num_layers)
         for i, want in enumerate(params.layers or ()):
             if want == "embed":
-                value = PROBE_EMBED
+                value = EMBED_LAYER
             else:
                 value = -1 if want == "last" else want
                 value = value + model.num_layers if value < 0 else value
             if value not in read:
-                have = ", ".join("embed" if v == PROBE_EMBED else str(v) for v in read)
+                have = ", ".join("embed" if v == EMBED_LAYER else str(v) for v in read)
                 problems.append(Problem(f"layers[{i}]", f"layer {want!r} is not among the layers the probe reads ({have})"))
         return problems
 
