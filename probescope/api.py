@@ -67,8 +67,9 @@ def render(
     from probescope.errors import ConfigError, PluginError, Problem
     from probescope.renderer import figure_format_problem
 
-    if output is not None and figure_format_problem(output):
-        raise ConfigError(str(output), [Problem("", figure_format_problem(output))])
+    bad_output = figure_format_problem(output) if output is not None else None
+    if bad_output:
+        raise ConfigError(str(output), [Problem("", bad_output)])
     registry = registry or load_registry()
     plugin = registry.get("renderer", renderer)
     values, problems = config_mod.parameter_problems(plugin, params, ())

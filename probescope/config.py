@@ -101,11 +101,21 @@ class Inputs(_Strict):
         return prompts
 
 
-class ProbeEntry(BaseModel):
-    """``[[probes]]``: ``use`` names the probe; every other key is one of its parameters."""
+class _PluginEntry(BaseModel):
+    """An entry naming a plugin in ``use``; every key its schema does not declare is one of
+    the plugin's parameters, validated against the plugin's own schema."""
 
     model_config = ConfigDict(extra="allow")
     use: str
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ProbeEntry(_PluginEntry):
+    """``[[probes]]``: ``use`` names the probe; every other key is one of its parameters."""
+
     name: str | None = None
 
     @field_validator("name")
@@ -117,17 +127,11 @@ class ProbeEntry(BaseModel):
     def label(self) -> str:
         return self.name or self.use
 
-    @property
-    def parameters(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
 
-
-class RendererEntry(BaseModel):
+class RendererEntry(_PluginEntry):
     """``[[renderers]]``: ``use`` names the renderer, ``probe`` the ``[[probes]]`` entry
     whose datasets it draws, ``output`` the figure file; other keys are its parameters."""
 
-    model_config = ConfigDict(extra="allow")
-    use: str
     output: str
     probe: str | None = None
 
@@ -138,10 +142,6 @@ class RendererEntry(BaseModel):
         if problem:
             raise ValueError(problem)
         return output
-
-    @property
-    def parameters(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
 
 
 class Output(_Strict):
@@ -183,14 +183,13 @@ class Plan:
     """A validated configuration, with plugins resolved and paths made absolute."""
 
     source: str
-    models: list[ModelEntry]
+    models: list[tuple[int, ModelEntry]]  # (position in [[models]], entry), valid entries only
     prompts: list[str]
     batch_size: int
     probes: list[ProbeTask]
     renderers: list[RendererTask]
     output_dir: Path
     problems: list[Problem] = field(default_factory=list)  # found so far; see runner.prepare
-    model_index: list[int] = field(default_factory=list)  # position of each model in [[models]]
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -437,14 +436,13 @@ def validate(
 
     return Plan(
         source=source,
-        models=[model for _, model in valid_models],
+        models=valid_models,
         prompts=inputs.prompts if inputs is not None else [],
         batch_size=inputs.batch_size if inputs is not None else 1,
         probes=probes,
         renderers=renderers,
         output_dir=output_dir,
         problems=problems,
-        model_index=[i for i, _ in valid_models],
     )
 
 

@@ -53,8 +53,9 @@ def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedMode
     stages, or returns the models ready to load."""
     problems: list[Problem] = list(plan.problems)
     prepared: list[Prepared] = []
+    probe_params = {task.name: task.params for task in plan.probes}
     candidates: list[tuple[str, Any, Any]] = []  # (location, entry, loaded)
-    for i, entry in zip(plan.model_index, plan.models):
+    for i, entry in plan.models:
         candidates.append((f"models[{i}]", entry, None))
     for name, loaded in given.items():
         candidates.append((f"models.{name}", None, loaded))
@@ -87,7 +88,6 @@ def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedMode
                     f"model {info.name!r}: the prompt is {len(prompt)} tokens long, but the model "
                     f"takes at most {info.max_positions}; shorten it",
                 ))
-        probe_params = {task.name: task.params for task in plan.probes}
         for task in plan.probes:
             problems += _scoped(f"probes[{task.index}]", info.name, task.probe.check(task.params, info))
         for task in plan.renderers:

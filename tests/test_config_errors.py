@@ -373,7 +373,7 @@ def test_relative_model_path_is_taken_from_the_config_folder(model_dirs, write_c
     (tmp_path / "models").symlink_to(model_dirs["gpt2"].parent)
     path = write_config(basic_config(Path("models") / "gpt2"))
     plan = load_plan(path, load_registry())
-    assert Path(plan.models[0].path) == tmp_path / "models" / "gpt2"
+    assert Path(plan.models[0][1].path) == tmp_path / "models" / "gpt2"
 
 
 # --------------------------------------------------------------------------------------
