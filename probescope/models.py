@@ -18,6 +18,7 @@ from probescope.architectures.base import ArchitectureAdapter, BlockListAdapter
 from probescope.errors import ModelLoadError, UnsupportedArchitectureError
 
 if TYPE_CHECKING:
+    from probescope.architectures.layout import ModelLayout
     from probescope.config import ModelEntry
     from probescope.plugins.manager import Registry
 
@@ -67,6 +68,14 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def layout(self) -> "ModelLayout":
+        """Weights by canonical name (component weights, per-head weights, embedding,
+        unembedding, final norm)."""
+        from probescope.architectures.layout import ModelLayout
+
+        return ModelLayout(self.model, self.info.adapter, self.blocks)
 
 
 def find_adapter(

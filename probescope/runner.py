@@ -128,7 +128,7 @@ def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list, outco
         return per_owner
     adapter = loaded.info.adapter
     try:
-        steps = trace.plan_steps(reads, lambda ref: adapter.site(ref, loaded.blocks))
+        steps = trace.plan_steps(reads, lambda ref: adapter.site(ref, loaded.blocks, loaded.info.config))
         with trace.wrapped(loaded.model) as envoy:
             for batch in progress(batches, desc=f"{name}: batches"):
                 sink, failed = trace.run_batch(envoy, steps, batch)

@@ -185,7 +185,7 @@ CASES = [
     Case("hub-id-unavailable", edit(lambda t: re.sub(r'path = ".*"', 'hub = "someone/no-such-model"', t)),
          "models[0]", ["model 'tiny'", "cannot read the config of 'someone/no-such-model'"]),
     Case("unknown-architecture", edit(lambda t: with_model_key(t, 'architecture = "bert"')),
-         "models[0].architecture", ["unknown architecture 'bert'", "available: gpt2, llama"]),
+         "models[0].architecture", ["unknown architecture 'bert'", "available: gemma, gemma2, gpt2, gpt_neox"]),
     Case("duplicate-model-names",
          lambda dirs, folder: basic_config(dirs["gpt2"]) + f'\n[[models]]\nname = "tiny"\npath = "{dirs["llama"]}"\n',
          "models[1].name", ["model name 'tiny' is used twice"]),

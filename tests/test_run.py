@@ -135,19 +135,18 @@ def test_weights_load_from_safetensors_only_unless_allowed(tokenizer, tmp_path, 
 
 def test_unsupported_architecture_needs_the_block_list(tokenizer, tmp_path, write_config, capsys):
     """A family without an adapter works for residual-stream probes once its block list is named."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import BloomConfig, BloomForCausalLM
 
     from probescope import demo
 
-    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
-    folder = demo.save_model(GPTNeoXForCausalLM(config), tokenizer, tmp_path / "neox")
+    config = BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=4)
+    folder = demo.save_model(BloomForCausalLM(config), tokenizer, tmp_path / "bloom")
     path = write_config(basic_config(folder, layers="[0, 1]", renderer=False))
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "gpt_neox" in err and "supported: gpt2" in err and 'blocks = "model.layers"' in err
+    assert "'bloom'" in err and "supported: gemma" in err and 'blocks = "model.layers"' in err
     named = write_config(basic_config(folder, layers="[0, 1]", renderer=False).replace(
-        'path = "', 'blocks = "gpt_neox.layers"\npath = "'), name="named.toml")
+        'path = "', 'blocks = "transformer.h"\npath = "'), name="named.toml")
     assert main(["run", str(named)]) == 0
     ds = probescope.load(named.parent / "out" / "tiny" / "token_similarity.nc")
     assert ds.attrs["architecture"] == "generic"

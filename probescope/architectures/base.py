@@ -18,6 +18,12 @@ from probescope.errors import SiteError, UnsupportedArchitectureError
 
 EMBED = "embed"
 RESID = "resid"
+COMPONENT = "component"
+
+#: The canonical components of a block, in the order figures and datasets list them.
+#: Each names the output of one linear map: the attention's query, key, value and
+#: output projections, and the MLP's up, down and gate projections.
+COMPONENTS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down", "mlp.gate")
 
 
 @dataclass(frozen=True, order=True)
@@ -31,9 +37,14 @@ class SiteRef:
 
     kind: str
     layer: int | None = None
+    component: str | None = None
 
     def __str__(self) -> str:
-        return self.kind if self.layer is None else f"{self.kind}[{self.layer}]"
+        if self.layer is None:
+            return self.kind
+        if self.component is not None:
+            return f"{self.component}[{self.layer}]"
+        return f"{self.kind}[{self.layer}]"
 
 
 def embed() -> SiteRef:
@@ -44,6 +55,13 @@ def embed() -> SiteRef:
 def resid(layer: int) -> SiteRef:
     """The residual stream after block ``layer`` (0-based, non-negative)."""
     return SiteRef(RESID, layer)
+
+
+def component(name: str, layer: int) -> SiteRef:
+    """The output of canonical component ``name`` (one of :data:`COMPONENTS`) in block ``layer``."""
+    if name not in COMPONENTS:
+        raise SiteError(f"unknown component {name!r}; the components are {', '.join(COMPONENTS)}")
+    return SiteRef(COMPONENT, layer, name)
 
 
 def first_tensor(value: Any) -> torch.Tensor:
@@ -73,6 +91,88 @@ class Site:
     select: Callable[[Any], torch.Tensor] = field(default=first_tensor, compare=False)
 
 
+@dataclass(frozen=True)
+class Features:
+    """Which output features of a fused module belong to one component.
+
+    The module's output features are ``groups`` consecutive groups of ``stride``
+    features; the component owns ``size`` features starting at ``offset`` in each group.
+    A plain slice is one group (GPT-2 ``c_attn``: q is features ``[0, d)`` of ``3d``);
+    GPT-NeoX's ``query_key_value`` interleaves per head, so q is ``heads`` groups of
+    ``3 * head_dim`` with ``size = head_dim`` at offset 0.
+    """
+
+    groups: int
+    stride: int
+    offset: int
+    size: int
+
+    @classmethod
+    def span(cls, start: int, stop: int, total: int) -> "Features":
+        """Features ``[start, stop)`` of ``total``."""
+        return cls(1, total, start, stop - start)
+
+    @property
+    def total(self) -> int:
+        return self.groups * self.stride
+
+    def take(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """This component's part of ``tensor`` along ``dim`` (a view when one group)."""
+        dim = dim % tensor.dim()
+        if tensor.shape[dim] != self.total:
+            raise SiteError(
+                f"expected {self.total} features along dimension {dim}, found {tensor.shape[dim]}"
+            )
+        if self.groups == 1:
+            return tensor.narrow(dim, self.offset, self.size)
+        grouped = tensor.unflatten(dim, (self.groups, self.stride))
+        return grouped.narrow(dim + 1, self.offset, self.size).flatten(dim, dim + 1)
+
+
+@dataclass(frozen=True)
+class Component:
+    """Where one canonical component lives in a block of one model.
+
+    :param module: path of the linear module relative to the block (``attn.c_attn``).
+    :param features: for a fused module, which of its output features are this
+        component's; None when the module is the component alone.
+    """
+
+    module: str
+    features: Features | None = None
+
+    def take(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        return tensor if self.features is None else self.features.take(tensor, dim)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Heads of one attention layer: query heads, key/value heads, width of a head."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head(self) -> torch.Tensor:
+        """For each query head, the key/value head it reads (``h // group_size``, as
+        transformers' ``repeat_kv`` arranges them)."""
+        return torch.arange(self.n_heads) // self.group_size
+
+
+def config_value(config: Any, *keys: str) -> Any:
+    """The first of ``keys`` the config sets to a value other than None."""
+    for key in keys:
+        value = getattr(config, key, None)
+        if value is not None:
+            return value
+    return None
+
+
 def get_submodule(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
     """The submodule at a dotted path, or None when there is none."""
     try:
@@ -93,6 +193,19 @@ class ArchitectureAdapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     block_paths: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
+    #: Canonical component -> linear module relative to a block, in execution order
+    #: (reads are issued in this order inside a trace). Fused modules appear once per
+    #: component they hold; :meth:`components` says which features each one owns.
+    #: Components the family lacks are left out, never faked.
+    component_modules: ClassVar[dict[str, str]] = {}
+    #: Human description of how fused modules are split, by component, for the docs.
+    fused: ClassVar[dict[str, str]] = {}
+    #: Final norm, relative to the module that holds the block list (None: none).
+    final_norm_path: ClassVar[str | None] = None
+    #: Projections between a narrower embedding and the residual stream (OPT-350m),
+    #: relative to the module that holds the block list; absent modules are skipped.
+    project_in_path: ClassVar[str | None] = None
+    project_out_path: ClassVar[str | None] = None
 
     def handles(self, config: Any) -> bool:
         """Whether this adapter is the one for a model with this transformers config."""
@@ -115,6 +228,32 @@ class ArchitectureAdapter:
                 return value
         return None
 
+    def hidden_size(self, config: Any) -> int:
+        """Width of the residual stream."""
+        return int(config_value(config, "hidden_size", "n_embd", "d_model"))
+
+    def attention_shape(self, config: Any) -> AttentionShape:
+        """Query heads, key/value heads and head width, read from the config."""
+        n_heads = int(config_value(config, "num_attention_heads", "n_head"))
+        n_kv = int(config_value(config, "num_key_value_heads") or n_heads)
+        head_dim = config_value(config, "head_dim")
+        head_dim = int(head_dim) if isinstance(head_dim, int) else self.hidden_size(config) // n_heads
+        return AttentionShape(n_heads, n_kv, head_dim)
+
+    def components(self, config: Any) -> dict[str, Component]:
+        """The components this model has, in execution order. Fused adapters override
+        this to give each part of a fused module its :class:`Features`."""
+        return {name: Component(module) for name, module in self.component_modules.items()}
+
+    def parallel(self, config: Any) -> bool:
+        """Whether attention and MLP read the same input and add to the residual stream
+        together (GPT-J, GPT-NeoX by default, Phi) rather than one after the other."""
+        return False
+
+    def embedding_scale(self, config: Any) -> float:
+        """Factor the family multiplies token embeddings by (Gemma: sqrt(d))."""
+        return 1.0
+
     def blocks(self, model: torch.nn.Module) -> str:
         """Dotted path of the block list in this model instance."""
         for path in self.block_paths:
@@ -128,16 +267,34 @@ class ArchitectureAdapter:
 
     def site_kinds(self) -> tuple[str, ...]:
         """Canonical site kinds this adapter can place."""
-        return (EMBED, RESID)
+        return (EMBED, RESID, COMPONENT) if self.component_modules else (EMBED, RESID)
 
-    def site(self, ref: SiteRef, blocks: str) -> Site:
-        """Place ``ref`` in a model whose blocks sit at ``blocks``."""
+    def site(self, ref: SiteRef, blocks: str, config: Any = None) -> Site:
+        """Place ``ref`` in a model whose blocks sit at ``blocks``.
+
+        Component sites need the model's ``config`` (fused modules are split by head
+        count and width).
+        """
         if ref.kind == EMBED:
             # The input of block 0 is the residual stream after everything the family
             # does to embeddings (positions, scaling), which no single module outputs.
             return Site(f"{blocks}.0", "input", (-1, 0))
         if ref.kind == RESID and ref.layer is not None:
             return Site(f"{blocks}.{ref.layer}", "output", (ref.layer, 1_000))
+        if ref.kind == COMPONENT and ref.layer is not None and config is not None:
+            components = self.components(config)
+            if ref.component in components:
+                part = components[ref.component]
+                rank = list(components).index(ref.component) + 1  # execution order in the block
+
+                def select(value: Any, part: Component = part) -> torch.Tensor:
+                    return part.take(first_tensor(value))
+
+                return Site(f"{blocks}.{ref.layer}.{part.module}", "output", (ref.layer, rank), select)
+            raise SiteError(
+                f"architecture {self.name!r} has no component {ref.component!r}; it has "
+                f"{', '.join(components) or 'none'}"
+            )
         raise SiteError(
             f"architecture {self.name!r} has no site {ref}; it provides {', '.join(self.site_kinds())}"
         )

@@ -1,6 +1,9 @@
-"""GPT-2: blocks at ``transformer.h``; the residual stream entering block 0 is token plus position embeddings."""
+"""GPT-2: blocks at ``transformer.h``; learned positions; ``Conv1D`` layers store
+weights as (in, out); query, key and value come out of one fused ``c_attn``."""
 
-from probescope.architectures.base import ArchitectureAdapter
+from typing import Any
+
+from probescope.architectures.base import ArchitectureAdapter, Component, Features
 from probescope.plugins import hookimpl
 
 
@@ -9,6 +12,27 @@ class GPT2Adapter(ArchitectureAdapter):
     model_types = ("gpt2",)
     block_paths = ("transformer.h", "h")
     description = "GPT-2 (GPT2LMHeadModel, GPT2Model)"
+    component_modules = {
+        "attn.q": "attn.c_attn",
+        "attn.k": "attn.c_attn",
+        "attn.v": "attn.c_attn",
+        "attn.o": "attn.c_proj",
+        "mlp.up": "mlp.c_fc",
+        "mlp.down": "mlp.c_proj",
+    }
+    fused = {
+        "attn.q": "`c_attn` features [0, d)",
+        "attn.k": "`c_attn` features [d, 2d)",
+        "attn.v": "`c_attn` features [2d, 3d)",
+    }
+    final_norm_path = "ln_f"
+
+    def components(self, config: Any) -> dict[str, Component]:
+        d = self.hidden_size(config)
+        parts = super().components(config)
+        for i, name in enumerate(("attn.q", "attn.k", "attn.v")):
+            parts[name] = Component("attn.c_attn", Features.span(i * d, (i + 1) * d, 3 * d))
+        return parts
 
 
 @hookimpl

@@ -1,4 +1,6 @@
-"""Llama: blocks at ``model.layers``; pre-norm decoder layers with rotary positions."""
+"""Llama and the families sharing its layout (Mistral, Qwen2): blocks at
+``model.layers``; pre-norm; separate query, key and value projections with grouped-query
+attention; a gated MLP whose gate runs before its up projection."""
 
 from probescope.architectures.base import ArchitectureAdapter
 from probescope.plugins import hookimpl
@@ -8,9 +10,33 @@ class LlamaAdapter(ArchitectureAdapter):
     name = "llama"
     model_types = ("llama",)
     block_paths = ("model.layers", "layers")
-    description = "Llama (LlamaForCausalLM, LlamaModel)"
+    description = "Llama 1, 2, 3 (LlamaForCausalLM, LlamaModel)"
+    component_modules = {
+        "attn.q": "self_attn.q_proj",
+        "attn.k": "self_attn.k_proj",
+        "attn.v": "self_attn.v_proj",
+        "attn.o": "self_attn.o_proj",
+        "mlp.gate": "mlp.gate_proj",  # down_proj(act(gate_proj(x)) * up_proj(x)): gate runs first
+        "mlp.up": "mlp.up_proj",
+        "mlp.down": "mlp.down_proj",
+    }
+    final_norm_path = "norm"
+
+
+class MistralAdapter(LlamaAdapter):
+    name = "mistral"
+    model_types = ("mistral",)
+    description = "Mistral (MistralForCausalLM, MistralModel)"
+
+
+class Qwen2Adapter(LlamaAdapter):
+    name = "qwen2"
+    model_types = ("qwen2",)
+    description = "Qwen2, Qwen2.5 (Qwen2ForCausalLM, Qwen2Model); biases on q, k, v"
 
 
 @hookimpl
 def register_architectures(register):
     register(LlamaAdapter())
+    register(MistralAdapter())
+    register(Qwen2Adapter())

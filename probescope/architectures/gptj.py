@@ -1,0 +1,31 @@
+"""GPT-J: blocks at ``transformer.h``; one layer norm feeds attention and MLP, which run
+in parallel; rotary positions on part of each head."""
+
+from typing import Any
+
+from probescope.architectures.base import ArchitectureAdapter
+from probescope.plugins import hookimpl
+
+
+class GPTJAdapter(ArchitectureAdapter):
+    name = "gptj"
+    model_types = ("gptj",)
+    block_paths = ("transformer.h", "h")
+    description = "GPT-J (GPTJForCausalLM, GPTJModel)"
+    component_modules = {
+        "attn.q": "attn.q_proj",
+        "attn.k": "attn.k_proj",
+        "attn.v": "attn.v_proj",
+        "attn.o": "attn.out_proj",
+        "mlp.up": "mlp.fc_in",
+        "mlp.down": "mlp.fc_out",
+    }
+    final_norm_path = "ln_f"
+
+    def parallel(self, config: Any) -> bool:
+        return True
+
+
+@hookimpl
+def register_architectures(register):
+    register(GPTJAdapter())

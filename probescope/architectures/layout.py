@@ -1,0 +1,312 @@
+"""The weights of one model, by canonical name.
+
+An :class:`~probescope.architectures.base.ArchitectureAdapter` describes a family; a
+:class:`ModelLayout` applies it to one model instance so probes can ask for weights
+without knowing module paths or storage conventions:
+
+- :meth:`ModelLayout.weight` gives a component's weight as ``(out, in)`` whatever the
+  module stores (GPT-2's ``Conv1D`` keeps ``(in, out)``), sliced out of fused modules;
+- :meth:`ModelLayout.heads` splits the attention weights by head, grouped-query
+  attention resolved;
+- :meth:`ModelLayout.embedding`, :meth:`ModelLayout.unembedding` and
+  :meth:`ModelLayout.final_norm` give the ends of the residual stream.
+
+Weights come back as views of the model's parameters where the layout allows (no copy);
+treat them as read-only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from probescope.architectures.base import (
+    ArchitectureAdapter,
+    AttentionShape,
+    Component,
+    get_submodule,
+)
+from probescope.errors import SiteError
+
+
+def _is_conv1d(module: torch.nn.Module) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers always has it
+        return False
+    return isinstance(module, Conv1D)
+
+
+def out_by_in(module: torch.nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (shaped like ``module.weight``) in ``(out, in)`` orientation.
+
+    ``nn.Linear`` stores ``(out, in)``; transformers' ``Conv1D`` (GPT-2) stores
+    ``(in, out)`` and computes ``x @ W``.
+    """
+    return tensor.t() if _is_conv1d(module) else tensor
+
+
+@dataclass
+class HeadWeights:
+    """Per-head attention weights of one layer, oriented for row vectors.
+
+    For a residual-stream row vector ``x`` (the attention's normalised input), head ``h``
+    computes query ``x @ W_Q[h] + b_Q[h]``, key ``x @ W_K[h] + b_K[h]`` and value
+    ``x @ W_V[h] + b_V[h]``; its attention-weighted values ``z`` add ``z @ W_O[h]`` to
+    the output, which also gets ``b_O`` once. So the head's value-output circuit is
+    ``W_V[h] @ W_O[h]`` (``d_model x d_model``), as in MAPS and TransformerLens.
+
+    Shapes: ``W_Q, W_K, W_V`` are ``(n_heads, d_model, head_dim)``; ``W_O`` is
+    ``(n_heads, head_dim, d_model)``; ``b_Q, b_K, b_V`` are ``(n_heads, head_dim)``;
+    ``b_O`` is ``(d_model,)``; biases are None where the model has none.
+
+    With grouped-query attention ``W_K`` and ``W_V`` are given per *query* head: heads
+    ``h`` and ``h'`` with ``kv_head[h] == kv_head[h']`` share the same key and value
+    weights (copies of one key/value head). Use ``kv_head`` to compute shared work once.
+    """
+
+    W_Q: torch.Tensor
+    W_K: torch.Tensor
+    W_V: torch.Tensor
+    W_O: torch.Tensor
+    b_Q: torch.Tensor | None
+    b_K: torch.Tensor | None
+    b_V: torch.Tensor | None
+    b_O: torch.Tensor | None
+    kv_head: torch.Tensor  # (n_heads,) long: the key/value head each query head reads
+    shape: AttentionShape
+
+
+@dataclass
+class Embedding:
+    """Token embedding: what each token id adds to the residual stream before block 0,
+    positions aside.
+
+    :param weight: the embedding matrix, ``(vocab, d_embed)``, the model's own parameter.
+    :param scale: factor the family applies (Gemma: sqrt(d_model); 1 elsewhere).
+    :param project: ``(d_model, d_embed)`` map applied after scaling, for models whose
+        embeddings are narrower than the residual stream (OPT-350m's ``project_in``).
+    """
+
+    weight: torch.Tensor
+    scale: float = 1.0
+    project: torch.Tensor | None = None
+
+    def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Residual-stream vectors ``(..., d_model)`` of ``token_ids``."""
+        vectors = self.weight[token_ids]
+        if self.scale != 1.0:
+            vectors = vectors * torch.tensor(self.scale, dtype=vectors.dtype)
+        if self.project is not None:
+            vectors = vectors @ self.project.t()
+        return vectors
+
+
+@dataclass
+class Unembedding:
+    """The map from the (final-normed) residual stream to logits.
+
+    :param weight: ``(vocab, d_in)``, the output layer's parameter.
+    :param bias: ``(vocab,)`` or None.
+    :param project: ``(d_in, d_model)`` applied first (OPT-350m's ``project_out``).
+    :param tied: whether ``weight`` is the embedding matrix (the same tensor, or equal
+        values), detected from the tensors rather than assumed from the family.
+    :param softcap: Gemma 2 caps logits as ``softcap * tanh(logits / softcap)``; a
+        monotone map, so token rankings are unchanged. None where the family has none.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    project: torch.Tensor | None = None
+    tied: bool = False
+    softcap: float | None = None
+
+    def matrix(self) -> torch.Tensor:
+        """``W_U``, ``(d_model, vocab)``: logits are ``x @ W_U (+ bias)`` for a normed ``x``."""
+        w = self.weight if self.project is None else self.weight @ self.project
+        return w.t()
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of final-normed residual vectors ``(..., d_model)``, softcap included."""
+        if self.project is not None:
+            hidden = hidden @ self.project.t()
+        logits = hidden @ self.weight.t()
+        if self.bias is not None:
+            logits = logits + self.bias
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    if a.device.type == "meta" or b.device.type == "meta":
+        return a is b
+    return a.data_ptr() == b.data_ptr() or bool(torch.equal(a, b))
+
+
+class ModelLayout:
+    """One model seen through its adapter: weights by canonical name.
+
+    :param model: the transformers model (a ``*ForCausalLM`` or its base model).
+    :param adapter: the model family's adapter.
+    :param blocks: dotted path of the block list in ``model``.
+    """
+
+    def __init__(self, model: torch.nn.Module, adapter: ArchitectureAdapter, blocks: str):
+        self.model = model
+        self.adapter = adapter
+        self.blocks = blocks
+        self.config = model.config
+        self.components: dict[str, Component] = adapter.components(self.config)
+        self.num_layers = len(model.get_submodule(blocks))
+        self.parallel = adapter.parallel(self.config)
+        self.body = blocks.rpartition(".")[0]  # the module holding the blocks
+
+    # -- components --------------------------------------------------------------------
+
+    def _component(self, name: str) -> Component | None:
+        return self.components.get(name)
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise SiteError(f"layer {layer} is out of range: the model has {self.num_layers} layers")
+
+    def module(self, layer: int, name: str) -> torch.nn.Module | None:
+        """The linear module holding component ``name`` of block ``layer`` (a fused
+        module holds several), or None when the family lacks the component."""
+        self._check_layer(layer)
+        part = self._component(name)
+        if part is None:
+            return None
+        module = get_submodule(self.model, f"{self.blocks}.{layer}.{part.module}")
+        if module is None:
+            raise SiteError(
+                f"architecture {self.adapter.name!r}: block {layer} has no module {part.module!r} "
+                f"for component {name!r}"
+            )
+        return module
+
+    def oriented(self, layer: int, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Component ``name``'s part of a tensor shaped like its module's weight (the
+        weight itself, its gradient, a reference checkpoint's copy), as ``(out, in)``."""
+        module = self.module(layer, name)
+        if module is None:
+            raise SiteError(f"architecture {self.adapter.name!r} has no component {name!r}")
+        return self._component(name).take(out_by_in(module, tensor), dim=0)
+
+    def weight(self, layer: int, name: str) -> torch.Tensor | None:
+        """Component ``name``'s weight in block ``layer`` as ``(out, in)``, or None when
+        the family lacks the component."""
+        module = self.module(layer, name)
+        if module is None:
+            return None
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise SiteError(
+                f"architecture {self.adapter.name!r}: module for {name!r} in block {layer} "
+                f"({type(module).__name__}) has no two-dimensional weight"
+            )
+        return self.oriented(layer, name, weight)
+
+    def bias(self, layer: int, name: str) -> torch.Tensor | None:
+        """Component ``name``'s bias in block ``layer``, or None (no bias or no component)."""
+        module = self.module(layer, name)
+        bias = getattr(module, "bias", None) if module is not None else None
+        if bias is None:
+            return None
+        return self._component(name).take(bias, dim=0)
+
+    # -- heads -------------------------------------------------------------------------
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        return self.adapter.attention_shape(self.config)
+
+    def heads(self, layer: int) -> HeadWeights:
+        """Per-head attention weights of block ``layer`` (see :class:`HeadWeights`)."""
+        shape = self.attention_shape
+        H, KV, hd = shape.n_heads, shape.n_kv_heads, shape.head_dim
+        kv_head = shape.kv_head()
+        missing = [c for c in ("attn.q", "attn.k", "attn.v", "attn.o") if c not in self.components]
+        if missing:
+            raise SiteError(f"architecture {self.adapter.name!r} lacks {', '.join(missing)}: no per-head weights")
+
+        def split_in(name: str, n: int) -> torch.Tensor:  # (n*hd, d) -> (n, d, hd)
+            w = self.weight(layer, name)
+            return w.reshape(n, hd, w.shape[1]).transpose(1, 2)
+
+        def split_bias(name: str, n: int) -> torch.Tensor | None:
+            b = self.bias(layer, name)
+            return None if b is None else b.reshape(n, hd)
+
+        def per_query(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None or KV == H:
+                return t
+            return t[kv_head.to(t.device)]
+
+        w_o = self.weight(layer, "attn.o")  # (d, H*hd)
+        return HeadWeights(
+            W_Q=split_in("attn.q", H),
+            W_K=per_query(split_in("attn.k", KV)),
+            W_V=per_query(split_in("attn.v", KV)),
+            W_O=w_o.reshape(w_o.shape[0], H, hd).permute(1, 2, 0),
+            b_Q=split_bias("attn.q", H),
+            b_K=per_query(split_bias("attn.k", KV)),
+            b_V=per_query(split_bias("attn.v", KV)),
+            b_O=self.bias(layer, "attn.o"),
+            kv_head=kv_head,
+            shape=shape,
+        )
+
+    # -- ends of the residual stream -----------------------------------------------------
+
+    def _body_module(self, path: str | None) -> torch.nn.Module | None:
+        if path is None:
+            return None
+        return get_submodule(self.model, f"{self.body}.{path}" if self.body else path)
+
+    def final_norm(self) -> torch.nn.Module | None:
+        """The norm applied to the residual stream after the last block, or None where
+        the family (or this model, e.g. post-norm OPT-350m) has none."""
+        return self._body_module(self.adapter.final_norm_path)
+
+    def embedding(self) -> Embedding:
+        """The token embedding (see :class:`Embedding`)."""
+        module = self.model.get_input_embeddings()
+        project = self._body_module(self.adapter.project_in_path)
+        return Embedding(
+            weight=module.weight,
+            scale=self.adapter.embedding_scale(self.config),
+            project=None if project is None else out_by_in(project, project.weight),
+        )
+
+    def unembedding(self) -> Unembedding:
+        """The output layer (see :class:`Unembedding`).
+
+        :raises SiteError: the model is a base model without an output layer.
+        """
+        module = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if module is None or getattr(module, "weight", None) is None:
+            raise SiteError(
+                f"{type(self.model).__name__} has no output layer; load the model with its "
+                "language-modelling head (a *ForCausalLM class)"
+            )
+        project = self._body_module(self.adapter.project_out_path)
+        embedding = self.model.get_input_embeddings().weight
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        return Unembedding(
+            weight=module.weight,
+            bias=getattr(module, "bias", None),
+            project=None if project is None else out_by_in(project, project.weight),
+            tied=_same_tensor(module.weight, embedding),
+            softcap=float(softcap) if softcap else None,
+        )
+
+
+def layout_of(loaded: Any) -> ModelLayout:
+    """The :class:`ModelLayout` of a :class:`probescope.models.LoadedModel`."""
+    return ModelLayout(loaded.model, loaded.info.adapter, loaded.blocks)
