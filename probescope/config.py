@@ -271,9 +271,15 @@ def _known_keys(schema: type[BaseModel] | None, loc: Sequence[Any]) -> str:
     return ", ".join(schema.model_fields)
 
 
-def parameter_problems(plugin: Any, values: Mapping[str, Any], prefix: Sequence[Any]) -> tuple[Any, list[Problem]]:
+def parameter_problems(
+    plugin: Any, values: Mapping[str, Any], prefix: Sequence[Any], base_dir: Path | None = None,
+) -> tuple[Any, list[Problem]]:
+    """A plugin's validated parameters and the problems found. File paths among them
+    (:data:`probescope.probe.ConfigPath`) are taken relative to ``base_dir``, the config
+    file's folder."""
+    context = {"base_dir": base_dir if base_dir is not None else Path.cwd()}
     try:
-        return plugin.Parameters(**values), []
+        return plugin.Parameters.model_validate(dict(values), context=context), []
     except ValidationError as exc:
         problems = _problems(exc, prefix)
         accepted = ", ".join(plugin.Parameters.model_fields) or "no parameters"
@@ -387,7 +393,7 @@ def validate(
         except PluginError as exc:
             problems.append(Problem(f"probes[{i}].use", str(exc)))
             continue
-        params, found = parameter_problems(probe, entry.parameters, ("probes", i))
+        params, found = parameter_problems(probe, entry.parameters, ("probes", i), base_dir)
         problems += found
         if params is not None:
             probes.append(ProbeTask(entry.label, probe, params, i))
@@ -404,7 +410,7 @@ def validate(
         except PluginError as exc:
             problems.append(Problem(f"renderers[{i}].use", str(exc)))
             continue
-        params, found = parameter_problems(renderer, entry.parameters, ("renderers", i))
+        params, found = parameter_problems(renderer, entry.parameters, ("renderers", i), base_dir)
         problems += found
         drawable = [label for label, use in labels.items() if use == renderer.probe]
         if entry.probe is None:

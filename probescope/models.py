@@ -111,15 +111,21 @@ def _hub_kwargs(entry: "ModelEntry") -> dict[str, Any]:
     return kwargs
 
 
-def inspect(entry: "ModelEntry", registry: "Registry") -> ModelInfo:
-    """Read a model's config (no weights) and find its adapter."""
+def read_config(entry: "ModelEntry") -> Any:
+    """The transformers config of a model entry (no weights are read)."""
     from transformers import AutoConfig
 
     source = _source(entry)
     try:
-        config = AutoConfig.from_pretrained(source, **_hub_kwargs(entry))
+        return AutoConfig.from_pretrained(source, **_hub_kwargs(entry))
     except Exception as exc:
         raise ModelLoadError(f"model {entry.name!r}: cannot read the config of {source!r}: {exc}") from exc
+
+
+def inspect(entry: "ModelEntry", registry: "Registry") -> ModelInfo:
+    """Read a model's config (no weights) and find its adapter."""
+    source = _source(entry)
+    config = read_config(entry)
     adapter = find_adapter(config, registry, architecture=entry.architecture, blocks=entry.blocks)
     return ModelInfo(
         name=entry.name,
@@ -177,28 +183,35 @@ def load_tokenizer(entry: "ModelEntry") -> Any:
         raise ModelLoadError(f"model {entry.name!r}: cannot load the tokenizer of {source!r}: {exc}") from exc
 
 
-def load(entry: "ModelEntry", info: ModelInfo, tokenizer: Any) -> LoadedModel:
-    """Load the weights of a model that :func:`inspect` accepted."""
+def load_weights(entry: "ModelEntry") -> torch.nn.Module:
+    """The model of an entry with its weights, on its device, in eval mode: safetensors
+    only unless the entry allows pickles, remote code only when it allows it."""
     from transformers import AutoModelForCausalLM
 
+    source = _source(entry)
     kwargs = _hub_kwargs(entry)
     kwargs["use_safetensors"] = entry.use_safetensors
     kwargs[_dtype_kwarg()] = "auto" if entry.dtype == "auto" else DTYPES[entry.dtype]
     if entry.device_map is not None:
         kwargs["device_map"] = entry.device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(info.source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as exc:
         hint = ""
         if entry.use_safetensors and "safetensors" in str(exc).lower():
             hint = " (only safetensors weights load unless the model entry sets use_safetensors = false)"
-        raise ModelLoadError(f"model {entry.name!r}: cannot load weights from {info.source!r}: {exc}{hint}") from exc
+        raise ModelLoadError(f"model {entry.name!r}: cannot load weights from {source!r}: {exc}{hint}") from exc
     if entry.device_map is None:
         try:
             model = model.to(entry.device)
         except Exception as exc:
             raise ModelLoadError(f"model {entry.name!r}: cannot move it to device {entry.device!r}: {exc}") from exc
-    model.eval()
+    return model.eval()
+
+
+def load(entry: "ModelEntry", info: ModelInfo, tokenizer: Any) -> LoadedModel:
+    """Load the weights of a model that :func:`inspect` accepted."""
+    model = load_weights(entry)
     if entry.dtype == "auto":
         info.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return LoadedModel(info, model, tokenizer, info.adapter.blocks(model))

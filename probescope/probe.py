@@ -10,11 +10,12 @@ reads and reads the weights in :meth:`Probe.build`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar
 
 import torch
 import xarray as xr
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
 
 from probescope.architectures.base import SiteRef
 from probescope.errors import Problem
@@ -29,6 +30,16 @@ class Parameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+
+def _relative_to_config(path: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    path = path.expanduser()
+    return path if path.is_absolute() or base is None else Path(base) / path
+
+
+#: A file or folder named in a plugin's parameters: relative paths are taken from the
+#: folder of the config file (from the working directory for configs given as dicts).
+ConfigPath = Annotated[Path, AfterValidator(_relative_to_config)]
 
 Reduction = Callable[[torch.Tensor, Batch], torch.Tensor]
 
