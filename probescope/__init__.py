@@ -15,7 +15,10 @@ Plugins implement the hooks in :mod:`probescope.plugins.hookspecs` with
 __version__ = "0.1.0"
 
 from probescope.plugins.hookspecs import hookimpl  # noqa: E402  (plugins import __version__ lazily)
-from probescope.architectures.base import ArchitectureAdapter, Site, SiteRef, embed, resid  # noqa: E402
+from probescope.architectures.base import (  # noqa: E402
+    COMPONENTS, ArchitectureAdapter, Component, Features, Site, SiteRef, component, embed, resid,
+)
+from probescope.architectures.layout import ModelLayout  # noqa: E402
 from probescope.errors import ConfigError, ProbescopeError, RunFailed  # noqa: E402
 from probescope.probe import Parameters, Probe, ProbeRun, Read  # noqa: E402
 from probescope.renderer import Renderer  # noqa: E402
@@ -25,6 +28,7 @@ from probescope.results import combine  # noqa: E402
 __all__ = [
     "__version__", "hookimpl", "run", "load", "render", "combine",
     "Probe", "ProbeRun", "Read", "Parameters", "Renderer",
-    "ArchitectureAdapter", "Site", "SiteRef", "embed", "resid",
+    "ArchitectureAdapter", "Component", "Features", "ModelLayout", "Site", "SiteRef",
+    "COMPONENTS", "component", "embed", "resid",
     "ProbescopeError", "ConfigError", "RunFailed",
 ]
