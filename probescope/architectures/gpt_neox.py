@@ -12,7 +12,7 @@ class GPTNeoXAdapter(ArchitectureAdapter):
     name = "gpt_neox"
     model_types = ("gpt_neox",)
     block_paths = ("gpt_neox.layers", "layers")
-    description = "GPT-NeoX and Pythia (GPTNeoXForCausalLM, GPTNeoXModel)"
+    description = "GPT-NeoX and Pythia (GPTNeoXForCausalLM, GPTNeoXModel); attention and MLP in parallel unless the config sets use_parallel_residual = false"
     component_modules = {
         "attn.q": "attention.query_key_value",
         "attn.k": "attention.query_key_value",
