@@ -1,0 +1,709 @@
+"""The ``component_heatmap`` renderer: one statistic for every (layer, component) of a model.
+
+It draws the datasets of the ``component_norm`` probe (one per model): one panel per
+model, layers on the y axis with layer 0 at the bottom, the seven canonical components
+(``attn.q`` ... ``mlp.gate``) on the x axis in canonical order, and a diverging colour map
+running blue -> white -> orange, centred on the middle of the data. What "the middle" is:
+by default the **median of the finite values drawn** in the panel (in every panel, with
+``shared_scale``), so half the cells are bluish and half orange whatever the statistic's
+range; ``center`` fixes it instead (``center = 0`` for a signed statistic, ``1`` for a
+ratio). A colour bar labelled with the statistic explains the colours.
+
+A component the model family does not have (GPT-2 has no ``mlp.gate``; ``present`` is
+False and the value NaN) is drawn hatched, never as a colour, and a legend says so: absent
+is not zero. A value that is NaN for a component the model does have (or whose presence
+is unknown) is drawn plain grey, "no value".
+
+Several models: one panel each, side by side (a grid beyond ``columns`` panels), model
+names as titles, each panel on its own colour scale with its own colour bar, or one
+shared scale and colour bar with ``shared_scale``. Datasets combined along a ``model``
+dimension (``probescope.results.combine``) count as one dataset per model.
+
+It reads datasets only, so a saved result can be drawn again without the models::
+
+    from probescope.renderers.component_heatmap import ComponentHeatmapRenderer
+
+    renderer = ComponentHeatmapRenderer()
+    params = renderer.Parameters(shared_scale=True, title="Weight norms")
+    figure = renderer.render([gpt2_ds, llama_ds], params)
+    figure.savefig("components.pdf")
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import matplotlib
+import numpy as np
+import xarray as xr
+from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
+from pydantic import Field, field_validator, model_validator
+
+from probescope.architectures.base import COMPONENTS
+from probescope.errors import PluginError
+from probescope.plugins import hookimpl
+from probescope.probe import Parameters
+from probescope.renderer import Renderer
+
+#: The default colour map: ColorBrewer blues (RdBu's) through white to ColorBrewer
+#: oranges (PuOr's), so values below the centre read blue and values above it orange.
+BLUE_WHITE_ORANGE = LinearSegmentedColormap.from_list(
+    "probescope_blue_white_orange",
+    ["#2166ac", "#67a9cf", "#d1e5f0", "#ffffff", "#fee0b6", "#fdb863", "#e66101"],
+)
+
+#: Colour bar labels of the probe's statistics, for datasets without ``long_name``.
+STATISTIC_LABELS = {
+    "activation_norm": "mean L2 norm of the output",
+    "weight_norm": "Frobenius norm of the weight",
+    "relative_update": "relative weight change ||W - W_ref|| / ||W_ref||",
+    "grad_norm": "norm of the loss gradient",
+}
+
+# How cells without a colour look.
+ABSENT_FACE = "#f2f2f2"
+ABSENT_HATCH_COLOR = "#8c8c8c"
+ABSENT_HATCH = "//"
+NO_VALUE_FACE = "#c8c8c8"
+
+# Layout constants, in inches unless noted.
+_TICK_FONT = 8.0  # points
+_MIN_ANNOTATION_FONT = 4.5  # points: below this, values are not written in the cells
+_MAX_ANNOTATION_FONT = 7.5  # points
+_MAX_LAYER_LABELS = 24  # more layers than this: ticks at round steps, not every layer
+_YLABEL_W = 0.6
+_COLORBAR_W = 0.95
+_TITLE_H = 0.35
+
+
+class ComponentHeatmapError(PluginError, ValueError):
+    """The datasets or the parameters cannot be drawn as a component heatmap.
+
+    A :class:`~probescope.errors.PluginError` (so the command line reports it without a
+    traceback) and a :class:`ValueError` (so Python callers can catch it as bad input).
+    """
+
+
+class ComponentHeatmapParameters(Parameters):
+    """Parameters of the ``component_heatmap`` renderer."""
+
+    center: Optional[float] = Field(
+        None,
+        allow_inf_nan=False,
+        description="The value drawn white, where the colour map turns from blue to "
+        "orange. Default: the median of the finite values drawn in the panel (in all "
+        "panels with `shared_scale`).",
+    )
+    vmin: Optional[float] = Field(
+        None,
+        allow_inf_nan=False,
+        description="Bottom of the colour scale (darkest blue). Default: the smallest value "
+        "drawn; when nothing lies below the centre, the centre minus the distance from "
+        "the centre to the top, so the scale stays symmetric.",
+    )
+    vmax: Optional[float] = Field(
+        None,
+        allow_inf_nan=False,
+        description="Top of the colour scale (darkest orange). Default: the largest value "
+        "drawn; when nothing lies above the centre, mirrored like `vmin`.",
+    )
+    shared_scale: bool = Field(
+        False,
+        description="Draw every panel on one colour scale with one colour bar, so models "
+        "can be compared cell by cell. Default: each panel its own scale and colour bar.",
+    )
+    annotate: bool = Field(
+        False,
+        description="Write each value in its cell (3 significant digits). Readable for a "
+        "few dozen layers at most; panels grow taller to make room, and when the cells "
+        "are still too small the values are left out with a warning.",
+    )
+    cmap: Optional[str] = Field(
+        None,
+        description="Name of a matplotlib colour map to use instead of the default "
+        "blue -> white -> orange; pick a diverging one (RdBu_r, PuOr_r, coolwarm).",
+    )
+    columns: int = Field(
+        4,
+        ge=1,
+        description="Panels per row: with more models than this the panels form a grid.",
+    )
+    panel_width: Optional[float] = Field(
+        None,
+        gt=0,
+        le=20,
+        description="Width of each panel's heatmap in inches. Default: from the number of "
+        "components.",
+    )
+    panel_height: Optional[float] = Field(
+        None,
+        gt=0,
+        le=30,
+        description="Height of each panel's heatmap in inches. Default: from the number "
+        "of layers.",
+    )
+    title: Optional[str] = Field(None, description="Title above the figure; none by default.")
+
+    @field_validator("cmap")
+    @classmethod
+    def _check_cmap(cls, cmap: Optional[str]) -> Optional[str]:
+        if cmap is not None and cmap not in matplotlib.colormaps:
+            raise ValueError(
+                f"{cmap!r} is not a matplotlib colour map; use a diverging one such as "
+                "'RdBu_r', 'PuOr_r' or 'coolwarm', or leave `cmap` out for the default "
+                "blue -> white -> orange"
+            )
+        return cmap
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> "ComponentHeatmapParameters":
+        if self.vmin is not None and self.vmax is not None and self.vmin >= self.vmax:
+            raise ValueError(f"vmin ({self.vmin}) must be below vmax ({self.vmax})")
+        if self.center is not None:
+            if self.vmin is not None and not self.vmin < self.center:
+                raise ValueError(
+                    f"center ({self.center}) must be above vmin ({self.vmin}): the colour "
+                    "map runs from blue at vmin through white at center"
+                )
+            if self.vmax is not None and not self.center < self.vmax:
+                raise ValueError(
+                    f"center ({self.center}) must be below vmax ({self.vmax}): the colour "
+                    "map runs from white at center to orange at vmax"
+                )
+        return self
+
+
+@dataclass
+class _Panel:
+    model: str
+    layers: list[int]  # the layer coordinate, bottom to top
+    components: list[str]  # the figure's columns, canonical order
+    values: np.ndarray  # (layer, component) floats; NaN where there is nothing to colour
+    absent: np.ndarray  # (layer, component) bool: the model does not have the component
+    label: str  # colour bar label
+
+    @property
+    def drawn(self) -> np.ndarray:
+        """The finite values that get a colour."""
+        return self.values[np.isfinite(self.values)]
+
+    @property
+    def no_value(self) -> np.ndarray:
+        return ~np.isfinite(self.values) & ~self.absent
+
+
+class ComponentHeatmapRenderer(Renderer):
+    """One statistic per (layer, component): one heatmap panel per model.
+
+    Draws the ``component_norm`` datasets of a run: layers up the y axis from 0, the
+    canonical components along the x axis, a blue -> white -> orange colour map centred
+    on the median of the values (or on ``center``), a colour bar labelled with the
+    statistic, and absent components hatched.
+    """
+
+    name = "component_heatmap"
+    version = "0.1.0"
+    probe = "component_norm"
+    description = (
+        "One statistic (output norm, weight norm, relative weight change, gradient norm) "
+        "for every layer and component, as one diverging heatmap per model; components "
+        "a model family lacks are hatched."
+    )
+    Parameters = ComponentHeatmapParameters
+
+    def render(self, datasets: Sequence[xr.Dataset], params: Any = None) -> Figure:
+        """Draw the ``component_norm`` datasets (one per model, in order).
+
+        :param datasets: the probe's datasets; a dataset with a ``model`` dimension
+            (results combined along models) counts as one dataset per model.
+        :param params: :class:`ComponentHeatmapParameters`, a mapping of them, or None
+            for the defaults.
+        :raises ComponentHeatmapError: no datasets, a dataset that is not a
+            ``component_norm`` result (no ``value`` variable, other dimensions, component
+            names outside :data:`~probescope.architectures.base.COMPONENTS`), or
+            different statistics asked to share one colour scale.
+        """
+        params = _parameters(params)
+        panels = _panels(datasets)
+        norms = _norms(panels, params)
+        return _draw(panels, norms, params)
+
+
+# --------------------------------------------------------------------------------------
+# Reading the datasets
+
+
+def component_label(component: str, wrap: bool = False) -> str:
+    """A component's tick label: ``"attn.q"`` -> ``"attn. q"`` (``"attn.\\nq"`` wrapped)."""
+    block, dot, part = component.partition(".")
+    if not dot:
+        return component
+    return f"{block}.\n{part}" if wrap else f"{block}. {part}"
+
+
+def _parameters(params: Any) -> ComponentHeatmapParameters:
+    if params is None:
+        return ComponentHeatmapParameters()
+    if isinstance(params, ComponentHeatmapParameters):
+        return params
+    if isinstance(params, Mapping):
+        return ComponentHeatmapParameters(**params)
+    if isinstance(params, Parameters):
+        return ComponentHeatmapParameters(**params.model_dump())
+    raise TypeError(
+        f"params must be ComponentHeatmapParameters or a mapping, not {type(params).__name__}"
+    )
+
+
+def _split_models(datasets: Sequence[xr.Dataset]) -> list[tuple[str, xr.Dataset, bool]]:
+    """(model name, dataset, came from a combined dataset) per model."""
+    if isinstance(datasets, xr.Dataset):
+        datasets = [datasets]
+    if datasets is None or len(datasets) == 0:
+        raise ComponentHeatmapError(
+            "no datasets to draw: component_heatmap needs the component_norm probe's "
+            "dataset of at least one model"
+        )
+    out = []
+    for index, ds in enumerate(datasets):
+        if not isinstance(ds, xr.Dataset):
+            raise ComponentHeatmapError(
+                f"dataset {index} is a {type(ds).__name__}, not an xarray.Dataset"
+            )
+        if "model" in ds.dims:
+            names = ds["model"].values if "model" in ds.coords else range(ds.sizes["model"])
+            for k, model in enumerate(names):
+                out.append((_text(model), ds.isel(model=k), True))
+        else:
+            out.append((str(ds.attrs.get("model") or f"model {index + 1}"), ds, False))
+    return out
+
+
+def _panels(datasets: Sequence[xr.Dataset]) -> list[_Panel]:
+    checked = [
+        (model, ds, _check_dataset(model, ds), combined)
+        for model, ds, combined in _split_models(datasets)
+    ]
+    # Every panel gets the same columns: every component any model's dataset lists, in
+    # the canonical order whatever order the datasets have.
+    listed = {c for _, _, components, _ in checked for c in components}
+    columns = [c for c in COMPONENTS if c in listed]
+    return [
+        _panel(model, ds, components, columns, combined)
+        for model, ds, components, combined in checked
+    ]
+
+
+def _check_dataset(model: str, ds: xr.Dataset) -> list[str]:
+    """The dataset's component names, once it is checked against the component_norm schema."""
+    if "value" not in ds.data_vars:
+        found = ", ".join(map(str, ds.data_vars)) or "none"
+        raise ComponentHeatmapError(
+            f"model {model!r}: the dataset has no 'value' variable (it has: {found}); "
+            "component_heatmap draws datasets of the component_norm probe"
+        )
+    value = ds["value"]
+    if set(value.dims) != {"layer", "component"}:
+        raise ComponentHeatmapError(
+            f"model {model!r}: 'value' has dimensions {tuple(value.dims)}, expected "
+            "('layer', 'component')"
+        )
+    if not np.issubdtype(value.dtype, np.number):
+        raise ComponentHeatmapError(
+            f"model {model!r}: 'value' holds {value.dtype} data, expected numbers"
+        )
+    if ds.sizes["layer"] == 0 or ds.sizes["component"] == 0:
+        raise ComponentHeatmapError(
+            f"model {model!r}: the dataset has {ds.sizes['layer']} layer(s) and "
+            f"{ds.sizes['component']} component(s); it needs at least one of each"
+        )
+    if "component" not in ds.coords:
+        raise ComponentHeatmapError(
+            f"model {model!r}: the dataset has no 'component' coordinate naming its "
+            f"components (expected names from {', '.join(COMPONENTS)})"
+        )
+    components = [_text(c) for c in ds["component"].values]
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown:
+        raise ComponentHeatmapError(
+            f"model {model!r}: unknown component(s) {', '.join(map(repr, unknown))}; "
+            f"expected names from {', '.join(COMPONENTS)}"
+        )
+    twice = sorted({c for c in components if components.count(c) > 1})
+    if twice:
+        raise ComponentHeatmapError(
+            f"model {model!r}: component(s) {', '.join(map(repr, twice))} listed more than once"
+        )
+    if "layer" in ds.coords:
+        layers = ds["layer"].values
+        if not np.issubdtype(layers.dtype, np.integer):
+            raise ComponentHeatmapError(
+                f"model {model!r}: the 'layer' coordinate holds {layers.dtype} values, "
+                "expected integer block indices"
+            )
+        if len(set(layers.tolist())) != len(layers):
+            raise ComponentHeatmapError(f"model {model!r}: a layer is listed more than once")
+    if "present" in ds and not set(ds["present"].dims) <= {"layer", "component"}:
+        raise ComponentHeatmapError(
+            f"model {model!r}: 'present' has dimensions {tuple(ds['present'].dims)}, "
+            "expected ('component',) or ('layer', 'component')"
+        )
+    return components
+
+
+def _panel(
+    model: str, ds: xr.Dataset, components: list[str], columns: list[str], combined: bool
+) -> _Panel:
+    value = ds["value"].transpose("layer", "component")
+    layers = _index_values(ds, "layer")
+    data = np.asarray(value.values, dtype=float)
+
+    # Presence: True / False per cell, or unknown (no `present`, or NaN where combining
+    # models of different component lists padded it).
+    if "present" in ds:
+        present = ds["present"].broadcast_like(value).transpose("layer", "component").values
+        known = ~_isnull(present)
+        absent = known & ~np.asarray(np.where(known, present, True), dtype=bool)
+    else:
+        # Without `present`, a component with no value at any layer is one the model
+        # does not have.
+        absent = np.broadcast_to(np.isnan(data).all(axis=0), data.shape).copy()
+    data = np.where(absent, np.nan, data)
+
+    # Sort the rows by layer (bottom to top) and the columns into the canonical order;
+    # columns this model's dataset lacks are "no value".
+    order = np.argsort(layers, kind="stable")
+    layers = [layers[i] for i in order]
+    values = np.full((len(layers), len(columns)), np.nan)
+    gone = np.zeros(values.shape, dtype=bool)
+    for j, name in enumerate(columns):
+        if name in components:
+            k = components.index(name)
+            values[:, j] = data[order, k]
+            gone[:, j] = absent[order, k]
+
+    if combined:
+        # Combining models of different depth pads the shallower ones with NaN layers:
+        # drop the layers without a single value (unless nothing would be left).
+        keep = np.isfinite(values).any(axis=1)
+        if keep.any() and not keep.all():
+            layers = [layer for layer, k in zip(layers, keep) if k]
+            values, gone = values[keep], gone[keep]
+
+    return _Panel(model, layers, list(columns), values, gone, _statistic_label(ds))
+
+
+def _statistic_label(ds: xr.Dataset) -> str:
+    attrs = ds["value"].attrs
+    label = attrs.get("long_name") or ds.attrs.get("long_name")
+    if not label:
+        statistic = attrs.get("statistic") or ds.attrs.get("statistic")
+        if statistic:
+            label = STATISTIC_LABELS.get(str(statistic), str(statistic).replace("_", " "))
+        else:
+            label = "value"
+    units = attrs.get("units")
+    if units and str(units) not in ("1", ""):
+        label = f"{label} ({units})"
+    return str(label)
+
+
+# --------------------------------------------------------------------------------------
+# Colour scales
+
+
+def _norms(panels: list[_Panel], params: ComponentHeatmapParameters) -> list[TwoSlopeNorm]:
+    """One norm per panel; the very same object for all of them with ``shared_scale``."""
+    if params.shared_scale:
+        labels = {panel.label for panel in panels}
+        if len(labels) > 1:
+            listing = "; ".join(f"{panel.model!r}: {panel.label}" for panel in panels)
+            raise ComponentHeatmapError(
+                f"shared_scale needs one statistic, but the datasets hold different ones "
+                f"({listing}); one colour scale cannot compare them: draw them without "
+                "shared_scale, or each statistic in its own figure"
+            )
+        values = np.concatenate([panel.drawn for panel in panels])
+        norm = TwoSlopeNorm(*_scale(values, params))
+        return [norm] * len(panels)
+    return [TwoSlopeNorm(*_scale(panel.drawn, params)) for panel in panels]
+
+
+def _pad(x: float) -> float:
+    """A sensible half-width for a scale around ``x`` when the data give none."""
+    return 0.1 * abs(x) if x != 0 else 1.0
+
+
+def _scale(values: np.ndarray, params: ComponentHeatmapParameters) -> tuple[float, float, float]:
+    """``(vcenter, vmin, vmax)`` with ``vmin < vcenter < vmax``, as TwoSlopeNorm needs.
+
+    The user's ``center``, ``vmin`` and ``vmax`` are kept as given (the parameters'
+    validation keeps them in order). The centre defaults to the median of the finite
+    values; the ends to the values' extent. A default end that does not lie strictly
+    beyond the centre (no value below the median, all values equal, no values at all)
+    mirrors the other end about the centre, so the scale stays linear; when both ends
+    coincide with the centre they move a tenth of its size (or 1 around 0) away.
+    """
+    values = values[np.isfinite(values)]
+    vmin, vmax = params.vmin, params.vmax
+
+    center = params.center
+    if center is None:
+        if values.size:
+            center = float(np.median(values))
+        elif vmin is not None and vmax is not None:
+            center = (vmin + vmax) / 2
+        elif vmin is not None:
+            center = vmin + _pad(vmin)
+        elif vmax is not None:
+            center = vmax - _pad(vmax)
+        else:
+            center = 0.0
+        # A median outside the user's limits moves inside them.
+        if vmin is not None and vmax is not None:
+            if not vmin < center < vmax:
+                center = (vmin + vmax) / 2
+        elif vmin is not None and center <= vmin:
+            center = vmin + _pad(vmin)
+        elif vmax is not None and center >= vmax:
+            center = vmax - _pad(vmax)
+
+    low = vmin if vmin is not None else min(float(values.min()), center) if values.size else center
+    high = vmax if vmax is not None else max(float(values.max()), center) if values.size else center
+    if not low < center:  # only a default vmin can be here
+        low = center - (high - center if high > center else _pad(center))
+    if not center < high:  # only a default vmax can be here; low < center by now
+        high = center + (center - low)
+    return float(center), float(low), float(high)
+
+
+# --------------------------------------------------------------------------------------
+# Drawing
+
+
+@dataclass
+class _Layout:
+    width: float  # heatmap, inches
+    height: float
+    wrap_labels: bool
+    annotation_font: Optional[float]
+
+
+def _layout(panels: list[_Panel], params: ComponentHeatmapParameters) -> _Layout:
+    n_comp = len(panels[0].components)
+    n_layers = max(len(panel.layers) for panel in panels)
+    if params.panel_width is not None:
+        width = params.panel_width
+    else:
+        per = 0.5 if params.annotate else 0.36
+        width = max(1.4, per * n_comp + 0.25)
+    if params.panel_height is not None:
+        height = params.panel_height
+    elif params.annotate:
+        height = min(12.0, max(2.4, 0.2 * n_layers + 0.5))
+    else:
+        height = min(6.0, max(2.4, 0.2 * n_layers + 0.6))
+
+    column_pt = width * 72 / n_comp
+    longest = max(len(component_label(c)) for c in panels[0].components)
+    wrap = longest * 0.6 * _TICK_FONT > 0.95 * column_pt
+
+    font = None
+    if params.annotate:
+        row_pt = height * 72 / n_layers
+        chars = max((len(_format_value(v)) for panel in panels for v in panel.drawn), default=1)
+        font = min(_MAX_ANNOTATION_FONT, 0.6 * row_pt, 0.9 * column_pt / (0.6 * chars))
+        if font < _MIN_ANNOTATION_FONT:
+            warnings.warn(
+                f"component_heatmap: cells of {n_layers} layers are too small to write "
+                "their values in (annotate); leaving them out. Give a larger panel_height "
+                "or draw fewer layers.",
+                stacklevel=4,
+            )
+            font = None
+    return _Layout(width, height, wrap, font)
+
+
+def _draw(
+    panels: list[_Panel], norms: list[TwoSlopeNorm], params: ComponentHeatmapParameters
+) -> Figure:
+    layout = _layout(panels, params)
+    n = len(panels)
+    n_cols = min(n, params.columns)
+    n_rows = math.ceil(n / n_cols)
+    shared = params.shared_scale
+
+    xlabel_h = 0.55 if layout.wrap_labels else 0.35
+    cell_w = _YLABEL_W + layout.width + (0.0 if shared else _COLORBAR_W) + 0.15
+    cell_h = _TITLE_H + layout.height + xlabel_h
+    has_absent = any(panel.absent.any() for panel in panels)
+    has_no_value = any(panel.no_value.any() for panel in panels)
+    legend_h = 0.4 if (has_absent or has_no_value) else 0.0
+    fig_w = n_cols * cell_w + (_COLORBAR_W + 0.2 if shared else 0.0) + 0.2
+    fig_h = n_rows * cell_h + legend_h + (0.45 if params.title else 0.1)
+    figure = Figure(figsize=(fig_w, fig_h), layout="constrained")
+
+    base = matplotlib.colormaps[params.cmap] if params.cmap else BLUE_WHITE_ORANGE
+    cmap = base.with_extremes(bad=NO_VALUE_FACE)
+
+    spec = figure.add_gridspec(n_rows, n_cols)
+    axes = []
+    image = None
+    for i, (panel, norm) in enumerate(zip(panels, norms)):
+        ax = figure.add_subplot(spec[i // n_cols, i % n_cols])
+        axes.append(ax)
+        image = _draw_panel(ax, panel, norm, cmap, layout, first=i % n_cols == 0)
+        if not shared:
+            _colorbar(figure, image, [ax], panel.label, layout.height)
+    if shared:
+        _colorbar(figure, image, axes, panels[0].label, layout.height * n_rows)
+
+    handles = []
+    if has_absent:
+        handles.append(
+            Patch(
+                facecolor=ABSENT_FACE, edgecolor=ABSENT_HATCH_COLOR, hatch=ABSENT_HATCH,
+                linewidth=0.0, label="hatched: component absent in this model family",
+            )
+        )
+    if has_no_value:
+        handles.append(Patch(facecolor=NO_VALUE_FACE, label="grey: no value"))
+    if handles:
+        figure.legend(
+            handles=handles, loc="outside lower center", ncols=len(handles), frameon=False,
+            fontsize=8, handlelength=1.6, handleheight=1.2,
+        )
+    if params.title:
+        figure.suptitle(params.title, fontsize=12, parse_math=False)
+    return figure
+
+
+def _draw_panel(ax, panel: _Panel, norm: TwoSlopeNorm, cmap, layout: _Layout, first: bool):
+    n_layers, n_comp = panel.values.shape
+    data = np.ma.masked_invalid(panel.values)
+    image = ax.imshow(
+        data, cmap=cmap, norm=norm, origin="lower", aspect="auto", interpolation="nearest",
+        extent=(-0.5, n_comp - 0.5, -0.5, n_layers - 0.5),
+    )
+    ax.set_xlim(-0.5, n_comp - 0.5)
+    ax.set_ylim(-0.5, n_layers - 0.5)  # layer 0 (row 0) at the bottom
+
+    # Absent components: hatched boxes, one per run of absent layers in a column.
+    for j in range(n_comp):
+        column = panel.absent[:, j]
+        start = None
+        for row in range(n_layers + 1):
+            inside = row < n_layers and column[row]
+            if inside and start is None:
+                start = row
+            elif not inside and start is not None:
+                ax.add_patch(
+                    Rectangle(
+                        (j - 0.5, start - 0.5), 1.0, row - start, facecolor=ABSENT_FACE,
+                        edgecolor=ABSENT_HATCH_COLOR, hatch=ABSENT_HATCH, linewidth=0.0,
+                        gid="absent", zorder=2,
+                    )
+                )
+                start = None
+
+    ax.set_xticks(range(n_comp))
+    ax.set_xticklabels(
+        [component_label(c, wrap=layout.wrap_labels) for c in panel.components],
+        fontsize=_TICK_FONT, parse_math=False,
+    )
+    _layer_ticks(ax, panel.layers, layout.height)
+    ax.tick_params(length=2, width=0.6, pad=1.5)
+    ax.tick_params(axis="y", labelsize=_TICK_FONT)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    if first:
+        ax.set_ylabel("layer", fontsize=9)
+    ax.set_title(panel.model, fontsize=10, pad=4, parse_math=False)
+
+    if layout.annotation_font is not None:
+        for r in range(n_layers):
+            for j in range(n_comp):
+                v = panel.values[r, j]
+                if not np.isfinite(v):
+                    continue
+                red, green, blue, _ = cmap(norm(v))
+                dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
+                ax.text(
+                    j, r, _format_value(v), ha="center", va="center",
+                    fontsize=layout.annotation_font, color="white" if dark else "black",
+                    parse_math=False, zorder=3,
+                )
+    return image
+
+
+def _layer_ticks(ax, layers: list[int], height: float) -> None:
+    """Y ticks: every layer when their labels fit, else a few integer steps; rows are at
+    positions 0, 1, 2... and labelled with their layer index."""
+    n = len(layers)
+    if n <= _MAX_LAYER_LABELS and n * _TICK_FONT * 1.5 <= height * 72:
+        ax.yaxis.set_major_locator(FixedLocator(range(n)))
+    else:
+        nbins = max(3, min(10, int(height * 72 / (_TICK_FONT * 3.5))))
+        ax.yaxis.set_major_locator(
+            MaxNLocator(nbins=nbins, integer=True, steps=[1, 2, 5, 10], min_n_ticks=3)
+        )
+
+    def label(position: float, _: Any) -> str:
+        i = int(round(position))
+        return str(layers[i]) if 0 <= i < n and abs(position - i) < 1e-6 else ""
+
+    ax.yaxis.set_major_formatter(FuncFormatter(label))
+
+
+def _colorbar(figure: Figure, image, axes: list, label: str, length: float) -> None:
+    colorbar = figure.colorbar(
+        image, ax=axes, location="right", fraction=0.08, aspect=25, pad=0.03
+    )
+    chars = max(12, int(0.95 * length * 72 / (8.5 * 0.55)))
+    colorbar.set_label(textwrap.fill(label, chars), fontsize=8.5, parse_math=False)
+    colorbar.ax.tick_params(labelsize=7.5)
+    colorbar.outline.set_linewidth(0.6)
+
+
+def _format_value(v: float) -> str:
+    """A value in a few characters: 3 significant digits, short exponents (1.2e3)."""
+    text = f"{v:.3g}"
+    if "e" in text:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}e{int(exponent)}"
+    return text
+
+
+def _isnull(values: np.ndarray) -> np.ndarray:
+    """NaN / None cells of a presence array of any dtype (bool, float, object)."""
+    if values.dtype == bool:
+        return np.zeros(values.shape, dtype=bool)
+    return np.asarray(xr.DataArray(values).isnull().values)
+
+
+def _index_values(ds: xr.Dataset, dim: str) -> list[int]:
+    """The integer coordinate of ``dim``, or positions where the dataset has none."""
+    if dim in ds.coords:
+        return [int(v) for v in ds[dim].values]
+    return list(range(ds.sizes[dim]))
+
+
+def _text(value: Any) -> str:
+    """A string from a coordinate value (str, bytes, 0-d array)."""
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+@hookimpl
+def register_renderers(register):
+    register(ComponentHeatmapRenderer())
