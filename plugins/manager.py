@@ -110,11 +110,23 @@ def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
     return importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
 
 
+# Distribution name and version by metadata folder. Parsing METADATA is most of the cost
+# of loading the registry, and a folder's name changes with the version it holds
+# (``pkg-1.0.dist-info``), so a reinstall is never served a stale answer.
+_DISTRIBUTIONS: dict[str, tuple[str, str]] = {}
+
+
 def _origin(ep: importlib.metadata.EntryPoint) -> Origin:
     dist = getattr(ep, "dist", None)
     if dist is None:
         return Origin(ep.name, "<unknown>", "")
-    return Origin(ep.name, dist.metadata["Name"], dist.version)
+    folder = str(getattr(dist, "_path", "")) or None
+    if folder is None or folder not in _DISTRIBUTIONS:
+        identity = (dist.metadata["Name"], dist.version)
+        if folder is None:
+            return Origin(ep.name, *identity)
+        _DISTRIBUTIONS[folder] = identity
+    return Origin(ep.name, *_DISTRIBUTIONS[folder])
 
 
 def load_registry(extra_plugins: Iterable[tuple[str, Any]] = ()) -> Registry:

@@ -1,0 +1,52 @@
+"""Shared by the benchmarks: peak-memory reading, timing, one subprocess per variant.
+
+Each variant runs in a fresh subprocess so it cannot inherit another's peak resident
+memory. On CPU, RSS is the only honest peak: torch's CPU allocator keeps no peak
+statistics. The kernel's peak mark is reset before the timed repeats, so the reported
+peak is what the repeats needed on top of what was resident before them (the weights).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+
+def status_kb(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark (Linux: write 5 to clear_refs); return current RSS in kB."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return status_kb("VmRSS")
+
+
+def time_and_peak(step: Callable[[], object], repeats: int) -> dict:
+    """Median seconds of ``step`` over ``repeats`` (after one warm-up) and the peak RSS
+    growth in MB during them."""
+    step()
+    before = reset_peak_rss()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = status_kb("VmHWM")
+    return {"median_s": statistics.median(times), "peak_growth_mb": (peak - before) / 1024}
+
+
+def in_subprocess(script: str, *args: str) -> dict:
+    """Run ``script --child ARGS`` and parse the JSON line it prints last."""
+    out = subprocess.run([sys.executable, script, "--child", *args], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
