@@ -2,12 +2,16 @@
 
 Each variant runs in a fresh subprocess so it cannot inherit another's peak resident
 memory. On CPU, RSS is the only honest peak: torch's CPU allocator keeps no peak
-statistics. The kernel's peak mark is reset before the timed repeats, so the reported
-peak is what the repeats needed on top of what was resident before them (the weights).
+statistics. Before the timed repeats, freed memory is handed back to the kernel
+(``malloc_trim``) and the kernel's peak mark is reset, so the reported peak is what the
+repeats needed on top of what was live before them (the weights): without the trim, a
+variant whose warm-up left freed memory in the allocator would look cheaper than it is.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import statistics
 import subprocess
@@ -31,10 +35,20 @@ def reset_peak_rss() -> int:
     return status_kb("VmRSS")
 
 
+def trim() -> None:
+    """Return freed heap memory to the kernel, so RSS is live memory (glibc only)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def time_and_peak(step: Callable[[], object], repeats: int) -> dict:
     """Median seconds of ``step`` over ``repeats`` (after one warm-up) and the peak RSS
     growth in MB during them."""
     step()
+    trim()
     before = reset_peak_rss()
     times = []
     for _ in range(repeats):

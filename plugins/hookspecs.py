@@ -66,7 +66,10 @@ def register_architectures(register: Callable[["ArchitectureAdapter"], None]) ->
     Call ``register(adapter)`` once for each :class:`probescope.ArchitectureAdapter`
     instance. An adapter maps one model family's modules to probescope's canonical sites
     (block list, residual stream, components, per-head weights, embedding, unembedding)
-    and says which transformers ``model_type`` values it handles.
+    and says which transformers ``model_type`` values it handles. A new family usually
+    needs only class attributes (``block_paths``, ``component_modules`` in execution
+    order, ``final_norm_path``), plus ``components`` for fused modules and ``parallel``;
+    see the built-in adapters in ``probescope/architectures/``.
 
     :param register: callback taking one adapter instance.
     """

@@ -94,7 +94,7 @@ class Case:
     heads: tuple[int, int, int]  # (query heads, key/value heads, head width)
     embed: str  # token embedding module
     final_norm: str | None  # final norm module (None: the model has none)
-    lm_head: str = "lm_head"
+    lm_head: str = "lm_head"  # output layer; GPT-NeoX named it embed_out before transformers 4.50
     conv1d: bool = False  # weights stored (in, out) (GPT-2's Conv1D)
     parallel: bool = False
     tied: bool = False

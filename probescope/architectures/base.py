@@ -31,8 +31,10 @@ class SiteRef:
     """A place in any supported model, by canonical name.
 
     ``kind`` is ``"embed"`` (the residual stream entering block 0: token embeddings plus
-    whatever the family adds, such as positions or Gemma's sqrt(d) scale) or ``"resid"``
-    (the residual stream leaving block ``layer``).
+    whatever the family adds, such as positions or Gemma's sqrt(d) scale), ``"resid"``
+    (the residual stream leaving block ``layer``) or ``"component"`` (the output of
+    canonical component ``component`` of block ``layer``). Build them with
+    :func:`embed`, :func:`resid` and :func:`component`.
     """
 
     kind: str
