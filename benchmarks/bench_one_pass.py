@@ -32,7 +32,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import in_subprocess, time_and_peak  # noqa: E402
+from common import in_subprocess, measure  # noqa: E402
 
 
 def build(family: str, tokens: int):
@@ -63,7 +63,7 @@ def probescope_config(prompt: str) -> dict:
             "probes": [{"use": "token_similarity"}, {"use": "component_norm", "statistic": "activation_norm"}]}
 
 
-def measure(kind: str, family: str, tokens: int, repeats: int) -> dict:
+def child(what: str, kind: str, family: str, tokens: int, repeats: int) -> dict:
     import torch
 
     import probescope
@@ -83,7 +83,7 @@ def measure(kind: str, family: str, tokens: int, repeats: int) -> dict:
 
         def step():
             probescope.run(config, models={"m": (model, tokenizer)}, write=False)
-    return {**time_and_peak(step, repeats), "tokens": int(ids.shape[1])}
+    return {**measure(step, what, repeats), "tokens": int(ids.shape[1])}
 
 
 def main() -> None:
@@ -91,17 +91,19 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["gpt2", "llama"], choices=["gpt2", "llama"])
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--child", nargs=3, metavar=("KIND", "MODEL", "TOKENS"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, metavar=("WHAT", "KIND", "MODEL", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        kind, family, tokens = args.child
-        print(json.dumps(measure(kind, family, int(tokens), args.repeats)))
+        what, kind, family, tokens = args.child
+        print(json.dumps(child(what, kind, family, int(tokens), args.repeats)))
         return
     print("model  tokens  bare s  body s  probescope s  x bare  x body   bare MB  body MB  probescope MB  x bare")
     for family in args.models:
         for tokens in args.tokens:
-            r = {kind: in_subprocess(__file__, kind, family, str(tokens), "--repeats", str(args.repeats))
-                 for kind in ("bare", "body", "probescope")}
+            r = {}
+            for kind in ("bare", "body", "probescope"):
+                r[kind] = {**in_subprocess(__file__, "time", kind, family, str(tokens), "--repeats", str(args.repeats)),
+                           **in_subprocess(__file__, "memory", kind, family, str(tokens), "--repeats", str(args.repeats))}
             t = {k: v["median_s"] for k, v in r.items()}
             m = {k: max(v["peak_growth_mb"], 1.0) for k, v in r.items()}
             print(f"{family:<6} {r['bare']['tokens']:>6} {t['bare']:>7.3f} {t['body']:>7.3f} {t['probescope']:>13.3f} "

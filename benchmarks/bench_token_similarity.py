@@ -12,10 +12,9 @@ width 768, vocabulary 50257, random weights):
    its own copy of the model (validation, trace, reductions and dataset building included).
 
 It prints the median time of each and the ratios 2/1 and 2/1b, and for memory the peak
-resident memory during the timed repeats above the resident memory before them (what
-the pass needs on top of the weights; Linux's peak mark is reset first), each variant
-in a fresh subprocess so one cannot inherit another's peak. On CPU, RSS is the only honest peak: torch's CPU allocator keeps
-no peak statistics.
+resident memory during repeats above the resident memory before them (what the pass
+needs on top of the weights), each measured in fresh subprocesses as described in
+``common.py``.
 
     python benchmarks/bench_token_similarity.py [--tokens 128 512] [--repeats 7]
 """
@@ -23,15 +22,14 @@ no peak statistics.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
-import statistics
-import subprocess
 import sys
-import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from common import in_subprocess, measure  # noqa: E402
 
 
 def build(tokens: int):
@@ -50,27 +48,12 @@ def build(tokens: int):
     return model, tokenizer, prompt, torch.tensor([ids])
 
 
-def status_kb(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def reset_peak_rss() -> int:
-    """Reset the kernel's peak-RSS mark (Linux: write 5 to clear_refs); return current RSS in kB."""
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-    return status_kb("VmRSS")
-
-
 def probescope_config(prompt: str) -> dict:
     return {"inputs": {"prompts": [prompt]},
             "probes": [{"use": "token_similarity", "layers": ["embed", *range(12)]}]}
 
 
-def measure(kind: str, tokens: int, repeats: int) -> dict:
+def child(what: str, kind: str, tokens: int, repeats: int) -> dict:
     import torch
 
     import probescope
@@ -90,34 +73,25 @@ def measure(kind: str, tokens: int, repeats: int) -> dict:
 
         def step():
             probescope.run(config, models={"m": (model, tokenizer)}, write=False)
-    step()  # warm-up
-    before = reset_peak_rss()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    peak = status_kb("VmHWM")
-    return {"median_s": statistics.median(times), "peak_growth_mb": (peak - before) / 1024, "rss_mb": before / 1024,
-            "tokens": int(ids.shape[1])}
+    return {**measure(step, what, repeats), "tokens": int(ids.shape[1])}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--child", nargs=2, metavar=("KIND", "TOKENS"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("WHAT", "KIND", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child[0], int(args.child[1]), args.repeats)))
+        what, kind, tokens = args.child
+        print(json.dumps(child(what, kind, int(tokens), args.repeats)))
         return
     print("tokens  bare s  body s  probescope s  x bare  x body   bare MB  body MB  probescope MB  x bare  x body")
     for tokens in args.tokens:
         r = {}
         for kind in ("bare", "body", "probescope"):
-            out = subprocess.run([sys.executable, __file__, "--child", kind, str(tokens), "--repeats", str(args.repeats)],
-                                 check=True, capture_output=True, text=True).stdout
-            r[kind] = json.loads(out.strip().splitlines()[-1])
+            r[kind] = {**in_subprocess(__file__, "time", kind, str(tokens), "--repeats", str(args.repeats)),
+                       **in_subprocess(__file__, "memory", kind, str(tokens), "--repeats", str(args.repeats))}
         t = {k: v["median_s"] for k, v in r.items()}
         m = {k: max(v["peak_growth_mb"], 1.0) for k, v in r.items()}
         print(f"{r['bare']['tokens']:>6} {t['bare']:>7.3f} {t['body']:>7.3f} {t['probescope']:>13.3f} "

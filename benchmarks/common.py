@@ -1,23 +1,31 @@
-"""Shared by the benchmarks: peak-memory reading, timing, one subprocess per variant.
+"""Shared by the benchmarks: timing, peak memory, one subprocess per variant.
 
-Each variant runs in a fresh subprocess so it cannot inherit another's peak resident
-memory. On CPU, RSS is the only honest peak: torch's CPU allocator keeps no peak
-statistics. Before the timed repeats, freed memory is handed back to the kernel
-(``malloc_trim``) and the kernel's peak mark is reset, so the reported peak is what the
-repeats needed on top of what was live before them (the weights): without the trim, a
-variant whose warm-up left freed memory in the allocator would look cheaper than it is.
+Each variant runs in fresh subprocesses, one for time and one for memory, so no variant
+inherits another's state.
+
+Memory. torch's CPU allocator keeps no peak statistics, so the peak is read from the
+kernel: the peak resident set during the repeats (after resetting the kernel's mark)
+above the resident set before them, i.e. what the pass needs on top of the weights. By
+default glibc keeps freed blocks and grows its mmap threshold, so how much of a run's
+memory shows in RSS depends on what earlier runs happened to leave behind: measured that
+way, the same variant swung between 0.5x and 1.4x of the bare forward across runs. The
+memory subprocess therefore sets ``MALLOC_MMAP_THRESHOLD_`` so every block of 64 kB or
+more is its own mapping, returned to the kernel when freed: RSS then follows live memory.
+That setting slows allocation, so time is measured in a separate subprocess without it.
 """
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 from typing import Callable
+
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def status_kb(field: str) -> int:
@@ -35,32 +43,38 @@ def reset_peak_rss() -> int:
     return status_kb("VmRSS")
 
 
-def trim() -> None:
-    """Return freed heap memory to the kernel, so RSS is live memory (glibc only)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def time_and_peak(step: Callable[[], object], repeats: int) -> dict:
-    """Median seconds of ``step`` over ``repeats`` (after one warm-up) and the peak RSS
-    growth in MB during them."""
+def median_time(step: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``step`` over ``repeats``, after one warm-up."""
     step()
-    trim()
-    before = reset_peak_rss()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak = status_kb("VmHWM")
-    return {"median_s": statistics.median(times), "peak_growth_mb": (peak - before) / 1024}
+    return statistics.median(times)
 
 
-def in_subprocess(script: str, *args: str) -> dict:
-    """Run ``script --child ARGS`` and parse the JSON line it prints last."""
-    out = subprocess.run([sys.executable, script, "--child", *args], check=True,
-                         capture_output=True, text=True).stdout
+def peak_growth_mb(step: Callable[[], object], repeats: int) -> float:
+    """Peak RSS during ``repeats`` calls of ``step`` above RSS before them, in MB (after
+    one warm-up). Meaningful in a process started with :data:`MEMORY_ENV`."""
+    step()
+    gc.collect()
+    before = reset_peak_rss()
+    for _ in range(repeats):
+        step()
+    return (status_kb("VmHWM") - before) / 1024
+
+
+def measure(step: Callable[[], object], what: str, repeats: int) -> dict:
+    if what == "time":
+        return {"median_s": median_time(step, repeats)}
+    return {"peak_growth_mb": peak_growth_mb(step, max(3, repeats // 2))}
+
+
+def in_subprocess(script: str, what: str, *args: str) -> dict:
+    """Run ``script --child WHAT ARGS`` (WHAT: time or memory) and parse the JSON line it
+    prints last."""
+    env = {**os.environ, **(MEMORY_ENV if what == "memory" else {})}
+    out = subprocess.run([sys.executable, script, "--child", what, *args], check=True,
+                         capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])

@@ -666,6 +666,12 @@ def _colorbar(figure: Figure, image, axes: list, label: str, length: float) -> N
     colorbar = figure.colorbar(
         image, ax=axes, location="right", fraction=0.08, aspect=25, pad=0.03
     )
+    # The two halves of the scale stretch differently, so ticks spaced evenly in value
+    # would crowd one half: put the ends, the centre and the middle of each half.
+    norm = image.norm
+    lo, mid, hi = float(norm.vmin), float(norm.vcenter), float(norm.vmax)
+    colorbar.set_ticks([lo, (lo + mid) / 2, mid, (mid + hi) / 2, hi])
+    colorbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _format_value(v)))
     chars = max(12, int(0.95 * length * 72 / (8.5 * 0.55)))
     colorbar.set_label(textwrap.fill(label, chars), fontsize=8.5, parse_math=False)
     colorbar.ax.tick_params(labelsize=7.5)
