@@ -85,7 +85,8 @@ def demo_config(models_dir: str = "models") -> str:
         f'[[models]]\nname = "{name}"\npath = "{models_dir}/{name}"\n' for name in DEMO_SIZES
     )
     return f"""\
-# probescope demo: token similarity of two randomly initialised GPT-2-shaped models.
+# probescope demo: two randomly initialised GPT-2-shaped models of different depth.
+# Both probes read their activations in one traced pass per batch.
 {models}
 [inputs]
 prompts = ["{DEMO_PROMPT}", "The quick brown fox jumps over the lazy dog."]
@@ -94,9 +95,18 @@ prompts = ["{DEMO_PROMPT}", "The quick brown fox jumps over the lazy dog."]
 use = "token_similarity"
 layers = ["embed", 0, 1, -1]
 
+[[probes]]
+use = "component_norm"
+statistic = "activation_norm"
+divide_by_sqrt_width = true
+
 [[renderers]]
 use = "similarity_grid"
 output = "token_similarity.png"
+
+[[renderers]]
+use = "component_heatmap"
+output = "component_norm.png"
 
 [output]
 dir = "results"

@@ -159,8 +159,10 @@ def test_demo_runs_offline(tmp_path, capsys):
     results = tmp_path / "demo" / "results"
     for name in ("small", "medium"):
         assert (results / name / "token_similarity.nc").is_file()
-    assert (results / "token_similarity.png").is_file()
-    assert str(results / "token_similarity.png") in out
+        assert (results / name / "component_norm.nc").is_file()
+    for figure in ("token_similarity.png", "component_norm.png"):
+        assert (results / figure).is_file()
+        assert str(results / figure) in out
     small = probescope.load(results / "small" / "token_similarity.nc")
     medium = probescope.load(results / "medium" / "token_similarity.nc")
     # two sizes, as promised: the last block of each ("-1" in the demo config) differs
