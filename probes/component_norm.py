@@ -21,7 +21,6 @@ Biases are left out of every weight statistic.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import numpy as np

@@ -7,8 +7,9 @@ after the model is gone (``probescope render``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence, TypeVar
 
+import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
@@ -52,3 +53,67 @@ class Renderer:
         """Draw the datasets (one per model). Build the figure with
         ``matplotlib.figure.Figure`` rather than pyplot, so no global state is touched."""
         raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------
+# Helpers every renderer needs to read its datasets the same way.
+
+P = TypeVar("P", bound=Parameters)
+
+
+def coerce_parameters(schema: type[P], params: Any) -> P:
+    """``params`` as ``schema``: None gives the defaults, a mapping is validated, another
+    plugin's :class:`Parameters` is re-validated field by field."""
+    if params is None:
+        return schema()
+    if isinstance(params, schema):
+        return params
+    if isinstance(params, Mapping):
+        return schema(**params)
+    if isinstance(params, Parameters):
+        return schema(**params.model_dump())
+    raise TypeError(f"params must be {schema.__name__} or a mapping, not {type(params).__name__}")
+
+
+def split_models(
+    datasets: Sequence[xr.Dataset] | xr.Dataset, error: type[Exception], renderer: str, probe: str,
+) -> list[tuple[str, xr.Dataset, bool]]:
+    """``(model name, dataset, came from a combined dataset)`` per model.
+
+    Accepts one dataset or several, each either one model's result (named by its
+    ``model`` attribute) or results combined along a ``model`` dimension
+    (:func:`probescope.combine`), which count as one dataset per model.
+
+    :raises error: no datasets, or something that is not an ``xarray.Dataset``.
+    """
+    if isinstance(datasets, xr.Dataset):
+        datasets = [datasets]
+    if datasets is None or len(datasets) == 0:
+        raise error(f"no datasets to draw: {renderer} needs the {probe} probe's dataset of at least one model")
+    out = []
+    for index, ds in enumerate(datasets):
+        if not isinstance(ds, xr.Dataset):
+            raise error(f"dataset {index} is a {type(ds).__name__}, not an xarray.Dataset")
+        if "model" in ds.dims:
+            names = ds["model"].values if "model" in ds.coords else range(ds.sizes["model"])
+            for k, model in enumerate(names):
+                out.append((coord_text(model), ds.isel(model=k), True))
+        else:
+            out.append((str(ds.attrs.get("model") or f"model {index + 1}"), ds, False))
+    return out
+
+
+def index_values(ds: xr.Dataset, dim: str) -> list[int]:
+    """The integer coordinate of ``dim``, or positions where the dataset has none."""
+    if dim in ds.coords:
+        return [int(v) for v in ds[dim].values]
+    return list(range(ds.sizes[dim]))
+
+
+def coord_text(value: Any) -> str:
+    """A string from a coordinate value (str, bytes, 0-d array)."""
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)

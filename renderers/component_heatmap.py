@@ -35,7 +35,7 @@ import math
 import textwrap
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import matplotlib
 import numpy as np
@@ -50,7 +50,7 @@ from probescope.architectures.base import COMPONENTS
 from probescope.errors import PluginError
 from probescope.plugins import hookimpl
 from probescope.probe import Parameters
-from probescope.renderer import Renderer
+from probescope.renderer import Renderer, coerce_parameters, coord_text, index_values, split_models
 
 #: The default colour map: ColorBrewer blues (RdBu's) through white to ColorBrewer
 #: oranges (PuOr's), so values below the centre read blue and values above it orange.
@@ -230,7 +230,7 @@ class ComponentHeatmapRenderer(Renderer):
             names outside :data:`~probescope.architectures.base.COMPONENTS`), or
             different statistics asked to share one colour scale.
         """
-        params = _parameters(params)
+        params = coerce_parameters(ComponentHeatmapParameters, params)
         panels = _panels(datasets)
         norms = _norms(panels, params)
         return _draw(panels, norms, params)
@@ -248,48 +248,14 @@ def component_label(component: str, wrap: bool = False) -> str:
     return f"{block}.\n{part}" if wrap else f"{block}. {part}"
 
 
-def _parameters(params: Any) -> ComponentHeatmapParameters:
-    if params is None:
-        return ComponentHeatmapParameters()
-    if isinstance(params, ComponentHeatmapParameters):
-        return params
-    if isinstance(params, Mapping):
-        return ComponentHeatmapParameters(**params)
-    if isinstance(params, Parameters):
-        return ComponentHeatmapParameters(**params.model_dump())
-    raise TypeError(
-        f"params must be ComponentHeatmapParameters or a mapping, not {type(params).__name__}"
-    )
 
 
-def _split_models(datasets: Sequence[xr.Dataset]) -> list[tuple[str, xr.Dataset, bool]]:
-    """(model name, dataset, came from a combined dataset) per model."""
-    if isinstance(datasets, xr.Dataset):
-        datasets = [datasets]
-    if datasets is None or len(datasets) == 0:
-        raise ComponentHeatmapError(
-            "no datasets to draw: component_heatmap needs the component_norm probe's "
-            "dataset of at least one model"
-        )
-    out = []
-    for index, ds in enumerate(datasets):
-        if not isinstance(ds, xr.Dataset):
-            raise ComponentHeatmapError(
-                f"dataset {index} is a {type(ds).__name__}, not an xarray.Dataset"
-            )
-        if "model" in ds.dims:
-            names = ds["model"].values if "model" in ds.coords else range(ds.sizes["model"])
-            for k, model in enumerate(names):
-                out.append((_text(model), ds.isel(model=k), True))
-        else:
-            out.append((str(ds.attrs.get("model") or f"model {index + 1}"), ds, False))
-    return out
 
 
 def _panels(datasets: Sequence[xr.Dataset]) -> list[_Panel]:
     checked = [
         (model, ds, _check_dataset(model, ds), combined)
-        for model, ds, combined in _split_models(datasets)
+        for model, ds, combined in split_models(datasets, ComponentHeatmapError, "component_heatmap", "component_norm")
     ]
     # Every panel gets the same columns: every component any model's dataset lists, in
     # the canonical order whatever order the datasets have.
@@ -329,7 +295,7 @@ def _check_dataset(model: str, ds: xr.Dataset) -> list[str]:
             f"model {model!r}: the dataset has no 'component' coordinate naming its "
             f"components (expected names from {', '.join(COMPONENTS)})"
         )
-    components = [_text(c) for c in ds["component"].values]
+    components = [coord_text(c) for c in ds["component"].values]
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown:
         raise ComponentHeatmapError(
@@ -362,7 +328,7 @@ def _panel(
     model: str, ds: xr.Dataset, components: list[str], columns: list[str], combined: bool
 ) -> _Panel:
     value = ds["value"].transpose("layer", "component")
-    layers = _index_values(ds, "layer")
+    layers = index_values(ds, "layer")
     data = np.asarray(value.values, dtype=float)
 
     # Presence: True / False per cell, or unknown (no `present`, or NaN where combining
@@ -694,20 +660,8 @@ def _isnull(values: np.ndarray) -> np.ndarray:
     return np.asarray(xr.DataArray(values).isnull().values)
 
 
-def _index_values(ds: xr.Dataset, dim: str) -> list[int]:
-    """The integer coordinate of ``dim``, or positions where the dataset has none."""
-    if dim in ds.coords:
-        return [int(v) for v in ds[dim].values]
-    return list(range(ds.sizes[dim]))
 
 
-def _text(value: Any) -> str:
-    """A string from a coordinate value (str, bytes, 0-d array)."""
-    if isinstance(value, np.ndarray):
-        value = value.item()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
 
 
 @hookimpl

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import matplotlib
 import numpy as np
@@ -38,7 +38,7 @@ from probescope.errors import PluginError
 from probescope.plugins import hookimpl
 from probescope.probe import Parameters
 from probescope.probes.token_similarity import EMBED_LAYER, resolve_layers
-from probescope.renderer import Renderer
+from probescope.renderer import Renderer, coerce_parameters, coord_text, index_values, split_models
 
 #: How a layer is chosen, as in the token_similarity probe's ``layers``: a block index
 #: (0-based; negative counts from the end of each model's blocks, so -1 is its last block),
@@ -231,7 +231,7 @@ class SimilarityGridRenderer(Renderer):
         :raises SimilarityGridError: no datasets, a dataset that is not a
             ``token_similarity`` result, a prompt or layer a model does not have.
         """
-        params = _parameters(params)
+        params = coerce_parameters(SimilarityGridParameters, params)
         rows = _rows(datasets, params)
         metric = _metric_label(rows)
         norm = _norm(rows, params)
@@ -242,47 +242,18 @@ class SimilarityGridRenderer(Renderer):
 # Reading the datasets
 
 
-def _parameters(params: Any) -> SimilarityGridParameters:
-    if params is None:
-        return SimilarityGridParameters()
-    if isinstance(params, SimilarityGridParameters):
-        return params
-    if isinstance(params, Mapping):
-        return SimilarityGridParameters(**params)
-    if isinstance(params, Parameters):
-        return SimilarityGridParameters(**params.model_dump())
-    raise TypeError(
-        f"params must be SimilarityGridParameters or a mapping, not {type(params).__name__}"
-    )
 
 
 def _split_models(datasets: Sequence[xr.Dataset]) -> list[tuple[str, xr.Dataset]]:
-    """(model name, dataset) per model, splitting datasets combined along ``model``."""
-    if isinstance(datasets, xr.Dataset):
-        datasets = [datasets]
-    if datasets is None or len(datasets) == 0:
-        raise SimilarityGridError(
-            "no datasets to draw: similarity_grid needs the token_similarity probe's "
-            "dataset of at least one model"
-        )
+    """(model name, dataset) per model; in datasets combined along ``model``, the layers
+    combining padded with NaN (a layer another model has) are dropped."""
     out = []
-    for index, ds in enumerate(datasets):
-        if not isinstance(ds, xr.Dataset):
-            raise SimilarityGridError(
-                f"dataset {index} is a {type(ds).__name__}, not an xarray.Dataset"
-            )
-        if "model" in ds.dims:
-            names = ds["model"].values if "model" in ds.coords else range(ds.sizes["model"])
-            for k, model in enumerate(names):
-                one = ds.isel(model=k)
-                if "similarity" in one:
-                    # Combining models pads missing layers with NaN: drop those.
-                    sim = one["similarity"]
-                    other = [d for d in sim.dims if d != "layer"]
-                    one = one.isel(layer=np.flatnonzero(sim.notnull().any(other).values))
-                out.append((_text(model), one))
-        else:
-            out.append((str(ds.attrs.get("model") or f"model {index + 1}"), ds))
+    for model, ds, combined in split_models(datasets, SimilarityGridError, "similarity_grid", "token_similarity"):
+        if combined and "similarity" in ds:
+            sim = ds["similarity"]
+            other = [d for d in sim.dims if d != "layer"]
+            ds = ds.isel(layer=np.flatnonzero(sim.notnull().any(other).values))
+        out.append((model, ds))
     return out
 
 
@@ -319,7 +290,7 @@ def _row(model: str, ds: xr.Dataset, prompt: int) -> _Row:
         )
 
     # Find the prompt by its index (the coordinate), not by position in the file.
-    indices = _index_values(ds, "prompt")
+    indices = index_values(ds, "prompt")
     if prompt not in indices:
         if not indices:
             have = "no prompts"
@@ -348,16 +319,16 @@ def _row(model: str, ds: xr.Dataset, prompt: int) -> _Row:
         raise SimilarityGridError(f"model {model!r}: prompt {prompt} has no tokens to draw")
 
     if "token_text" in one:
-        tokens = [_text(t) for t in one["token_text"].values[:n]]
+        tokens = [coord_text(t) for t in one["token_text"].values[:n]]
     else:
         tokens = [str(i) for i in range(n)]
 
-    prompt_text = _text(one["prompt_text"].values) if "prompt_text" in one else None
+    prompt_text = coord_text(one["prompt_text"].values) if "prompt_text" in one else None
     metric = ds.attrs.get("metric")
 
-    values = _index_values(ds, "layer")
+    values = index_values(ds, "layer")
     if "layer_label" in ds.coords or "layer_label" in ds:
-        labels = [_text(v) for v in ds["layer_label"].values]
+        labels = [coord_text(v) for v in ds["layer_label"].values]
     else:
         labels = ["embed" if v == EMBED_LAYER else str(v) for v in values]
     layers = list(zip(values, labels))
@@ -587,20 +558,8 @@ def _display_token(text: str, limit: int = _TOKEN_LABEL_CHARS) -> str:
     return shown
 
 
-def _index_values(ds: xr.Dataset, dim: str) -> list[int]:
-    """The integer coordinate of ``dim``, or positions where the dataset has none."""
-    if dim in ds.coords:
-        return [int(v) for v in ds[dim].values]
-    return list(range(ds.sizes[dim]))
 
 
-def _text(value: Any) -> str:
-    """A string from a coordinate value (str, bytes, 0-d array)."""
-    if isinstance(value, np.ndarray):
-        value = value.item()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
 
 
 @hookimpl
