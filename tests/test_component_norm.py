@@ -139,12 +139,12 @@ def finetuned(tmp_path_factory, tokenizer):
     return demo.save_model(base, tokenizer, root / "base"), demo.save_model(tuned, tokenizer, root / "tuned"), expected_down
 
 
-def test_relative_update_against_a_reference_folder(finetuned, tmp_path, write_config):
-    base, tuned, expected_down = finetuned
-    path = write_config(f"""
+def relative_update_config(model, reference) -> str:
+    """A TOML run of relative_update on the model folder against a reference path."""
+    return f"""
 [[models]]
 name = "tuned"
-path = "{tuned}"
+path = "{model}"
 
 [inputs]
 prompts = ["The cat sat"]
@@ -152,11 +152,16 @@ prompts = ["The cat sat"]
 [[probes]]
 use = "component_norm"
 statistic = "relative_update"
-reference = {{ path = "{base}" }}
+reference = {{ path = "{reference}" }}
 
 [output]
 dir = "out"
-""")
+"""
+
+
+def test_relative_update_against_a_reference_folder(finetuned, tmp_path, write_config):
+    base, tuned, expected_down = finetuned
+    path = write_config(relative_update_config(tuned, base))
     ds = probescope.run(path)["tuned"]["component_norm"]
     values = ds.value
     assert values.sel(layer=1, component="attn.v").item() == pytest.approx(0.1, rel=1e-5)
@@ -179,36 +184,14 @@ def test_relative_update_reference_path_is_relative_to_the_config(finetuned, tmp
     import shutil
 
     shutil.copytree(base, tmp_path / "ckpt" / "base")
-    path = write_config(f"""
-[[models]]
-name = "tuned"
-path = "{tuned}"
-[inputs]
-prompts = ["The cat sat"]
-[[probes]]
-use = "component_norm"
-statistic = "relative_update"
-reference = {{ path = "ckpt/base" }}
-""")
+    path = write_config(relative_update_config(tuned, "ckpt/base"))
     ds = probescope.run(path, write=False)["tuned"]["component_norm"]
     assert ds.value.sel(layer=1, component="attn.v").item() == pytest.approx(0.1, rel=1e-5)
 
 
 def test_relative_update_refuses_another_architecture(finetuned, model_dirs, tmp_path, write_config):
     _, tuned, _ = finetuned
-    path = write_config(f"""
-[[models]]
-name = "tuned"
-path = "{tuned}"
-[inputs]
-prompts = ["The cat sat"]
-[[probes]]
-use = "component_norm"
-statistic = "relative_update"
-reference = {{ path = "{model_dirs['llama']}" }}
-[output]
-dir = "out"
-""")
+    path = write_config(relative_update_config(tuned, model_dirs["llama"]))
     with pytest.raises(ConfigError) as err:
         probescope.run(path)
     message = str(err.value)
