@@ -270,3 +270,18 @@ def test_generic_adapter_has_no_components(tokenizer, tmp_path, write_config):
     with pytest.raises(ConfigError) as err:
         probescope.run(cfg, write=False)
     assert "probes[0]: model 'b': architecture 'generic' has no component sites" in str(err.value)
+
+
+def test_two_families_combine_and_draw(gpt2, llama, tokenizer, tmp_path):
+    """GPT-2 (no gate) and Llama side by side: one dataset along `model`, one figure."""
+    from matplotlib.figure import Figure
+
+    out = probescope.run(config({"use": "component_norm", "statistic": "weight_norm"}),
+                         models={"gpt2": (gpt2, tokenizer), "llama": (llama, tokenizer)}, write=False)
+    both = probescope.combine({name: out[name]["component_norm"] for name in ("gpt2", "llama")})
+    gate = both.value.sel(component="mlp.gate")
+    assert np.isnan(gate.sel(model="gpt2")).all() and np.isfinite(gate.sel(model="llama")).all()
+    figure = probescope.render([both], "component_heatmap", tmp_path / "both.png", shared_scale=True)
+    assert isinstance(figure, Figure)
+    assert [ax.get_title() for ax in figure.axes if ax.get_title()] == ["gpt2", "llama"]
+    assert (tmp_path / "both.png").stat().st_size > 0
