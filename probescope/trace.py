@@ -62,7 +62,7 @@ def _apply(step: Step, value: Any, batch: Batch, sink: dict, failed: dict) -> No
         try:
             hidden = site.select(value)
             if hidden.dim() == 2:  # (tokens, width): OPT flattens tokens before its MLP
-                hidden = hidden.view(*batch.input_ids.shape, -1)
+                hidden = hidden.reshape(*batch.input_ids.shape, -1)
             sink[owner][read.key] = read.reduce(hidden, batch)
         except Exception as exc:
             failed[owner] = exc

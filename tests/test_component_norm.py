@@ -204,6 +204,8 @@ def test_relative_update_refuses_another_architecture(finetuned, model_dirs, tmp
     ({"statistic": "weight_norm", "reference": {"path": "."}}, "probes[0].reference", ["no model folder"]),
     ({"statistic": "relative_update", "reference": {"path": "nowhere"}}, "probes[0].reference", ["no model folder", "nowhere"]),
     ({"statistic": "relative_update", "reference": {"path": "a", "hub": "b"}}, "probes[0].reference", ["exactly one of path"]),
+    ({"statistic": "relative_update", "reference": {"hub": "org/not-cached"}}, "probes[0].reference",
+     ["cannot read the config", "org/not-cached"]),
     ({"statistic": "grad_norm", "divide_by_sqrt_width": True}, "probes[0]", ["applies to activation_norm"]),
     ({"components": ["attn.q", "mlp.gates"]}, "probes[0].components[1]", ["mlp.gate"]),
     ({"components": ["attn.q", "attn.q"]}, "probes[0].components", ["more than once: attn.q"]),
