@@ -34,6 +34,7 @@ from probescope.errors import ModelLoadError, Problem, ProbescopeError
 from probescope.inputs import Batch
 from probescope.plugins import hookimpl
 from probescope.probe import ConfigPath, Parameters, Probe, ProbeRun, Read
+from probescope.progress import progress
 
 Statistic = Literal["activation_norm", "weight_norm", "relative_update", "grad_norm"]
 ComponentName = Literal["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down", "mlp.gate"]
@@ -211,7 +212,7 @@ class ComponentNorm(Probe):
             attrs["divide_by_sqrt_width"] = int(params.divide_by_sqrt_width)
             attrs["tokens"] = int(tokens)
         elif params.statistic == "weight_norm":
-            for li, layer in enumerate(layers):
+            for li, layer in enumerate(progress(layers, desc=f"{run.model.name}: weight norms")):
                 for ci, name in enumerate(names):
                     weight = layout.weight(layer, name)
                     if weight is not None:
@@ -291,7 +292,7 @@ def _relative_update(params, run: ProbeRun, layout: ModelLayout, layers, names) 
                                                     device=str(run.model.device)))
     ref = ModelLayout(reference, info.adapter, info.adapter.blocks(reference))
     values = np.full((len(layers), len(names)), np.nan)
-    for li, layer in enumerate(layers):
+    for li, layer in enumerate(progress(layers, desc=f"{info.name}: weight changes")):
         for ci, name in enumerate(names):
             weight, base = layout.weight(layer, name), ref.weight(layer, name)
             if weight is None:
@@ -331,7 +332,7 @@ def _grad_norms(params, run: ProbeRun, layout: ModelLayout, layers, names) -> tu
             p.requires_grad_(True)
         model.eval()
         with torch.enable_grad():
-            for batch in run.batches:
+            for batch in progress(run.batches, desc=f"{run.model.name}: gradients"):
                 logits = model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
                 targets = batch.input_ids[:, 1:].masked_fill(~batch.mask[:, 1:], -100)
                 loss = torch.nn.functional.cross_entropy(
