@@ -124,11 +124,27 @@ def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list, outco
     name = loaded.name
     owners = list(dict.fromkeys(owner for owner, _ in reads))
     per_owner: dict[str, list[dict]] = {owner: [] for owner in owners}
+    adapter = loaded.info.adapter
+
+    def place(ref):
+        return adapter.site(ref, loaded.blocks, loaded.info.config)
+
+    # A probe asking for a site this family lacks (GPT-2 has no mlp.gate) fails alone.
+    unplaceable: dict[str, Exception] = {}
+    for owner, read in reads:
+        if owner not in unplaceable:
+            try:
+                place(read.site)
+            except Exception as exc:
+                unplaceable[owner] = exc
+    for owner, exc in unplaceable.items():
+        outcome.fail(name, "probe", owner, exc)
+        per_owner.pop(owner)
+    reads = [(owner, read) for owner, read in reads if owner not in unplaceable]
     if not reads:
         return per_owner
-    adapter = loaded.info.adapter
     try:
-        steps = trace.plan_steps(reads, lambda ref: adapter.site(ref, loaded.blocks, loaded.info.config))
+        steps = trace.plan_steps(reads, place)
         with trace.wrapped(loaded.model) as envoy:
             for batch in progress(batches, desc=f"{name}: batches"):
                 sink, failed = trace.run_batch(envoy, steps, batch)

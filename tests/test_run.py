@@ -204,6 +204,34 @@ def test_api_failure_keeps_the_other_datasets(gpt2, tokenizer):
     assert list(info.value.datasets["m"]) == ["token_similarity"]
 
 
+def test_a_probe_asking_for_a_component_the_family_lacks_fails_alone(gpt2, tokenizer):
+    """GPT-2 has no gated MLP: a third-party probe reading mlp.gate fails with that
+    reason, and the probes sharing its trace still produce their datasets."""
+    import xarray as xr
+
+    class GateReader(probescope.Probe):
+        name = "gate_reader"
+
+        def reads(self, params, model):
+            return [probescope.Read("gate", probescope.component("mlp.gate", 0), lambda h, b: h.sum())]
+
+        def build(self, params, run):
+            return xr.Dataset()
+
+    class Plugin:
+        @probescope.hookimpl
+        def register_probes(self, register):
+            register(GateReader())
+
+    config = {"inputs": {"prompts": PROMPTS},
+              "probes": [{"use": "gate_reader"}, {"use": "component_norm", "components": ["attn.v"]}]}
+    with pytest.raises(probescope.RunFailed) as info:
+        probescope.run(config, models={"m": (gpt2, tokenizer)}, write=False, plugins=[("local", Plugin())])
+    [failure] = info.value.failures
+    assert failure["name"] == "gate_reader" and "no component 'mlp.gate'" in failure["error"]
+    assert np.isfinite(info.value.datasets["m"]["component_norm"].value).all()
+
+
 def test_a_model_passed_in_comes_back_unwrapped(tokenizer):
     """nnsight leaves a controller `forward` on every module it wraps; probescope removes
     it, and hands back the training flag the model came with."""
