@@ -197,20 +197,20 @@ class ComponentNorm(Probe):
         attrs: dict[str, Any] = {"statistic": params.statistic}
 
         if params.statistic == "activation_norm":
-            tokens = 0.0
+            tokens = 0
             for li, layer in enumerate(layers):
                 for ci, name in enumerate(names):
                     parts = run.reductions.get(f"{layer}/{name}")
                     if not parts:
                         continue
                     total, count = torch.stack(parts).sum(dim=0).tolist()
-                    tokens = count
+                    tokens = int(count)  # the same real tokens for every component
                     values[li, ci] = total / count
             if params.divide_by_sqrt_width:
                 widths = np.array([_width(layout, name) or np.nan for name in names], dtype=float)
                 values = values / np.sqrt(widths)
             attrs["divide_by_sqrt_width"] = int(params.divide_by_sqrt_width)
-            attrs["tokens"] = int(tokens)
+            attrs["tokens"] = tokens
         elif params.statistic == "weight_norm":
             for li, layer in enumerate(progress(layers, desc=f"{run.model.name}: weight norms")):
                 for ci, name in enumerate(names):
@@ -228,8 +228,8 @@ class ComponentNorm(Probe):
         if params.statistic != "activation_norm":
             attrs["norm"] = params.norm
 
-        long_name = _LONG_NAMES[params.statistic].format(norm=params.norm.capitalize()
-                                                         if params.statistic != "relative_update" else params.norm)
+        norm = params.norm if params.statistic == "relative_update" else params.norm.capitalize()
+        long_name = _LONG_NAMES[params.statistic].format(norm=norm)
         if params.divide_by_sqrt_width:
             long_name += " / sqrt(width)"
         present = np.array([name in layout.components for name in names])
