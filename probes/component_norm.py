@@ -32,6 +32,7 @@ from probescope.architectures.base import COMPONENTS, component
 from probescope.architectures.layout import ModelLayout
 from probescope.errors import ModelLoadError, Problem, ProbescopeError
 from probescope.inputs import Batch
+from probescope.models import is_model_folder, load_weights, read_config
 from probescope.plugins import hookimpl
 from probescope.probe import ConfigPath, Parameters, Probe, ProbeRun, Read
 from probescope.progress import progress
@@ -60,7 +61,7 @@ class ReferenceCheckpoint(Parameters):
     def _one_source(self) -> "ReferenceCheckpoint":
         if (self.path is None) == (self.hub is None):
             raise ValueError("give exactly one of path (a local model folder) or hub (a hub id)")
-        if self.path is not None and not (self.path / "config.json").is_file():
+        if self.path is not None and not is_model_folder(self.path):
             raise ValueError(f"no model folder at {str(self.path)!r}: expected a folder holding config.json")
         return self
 
@@ -264,8 +265,6 @@ def _width(layout: ModelLayout, name: str) -> int | None:
 
 def _reference_problems(reference: ReferenceCheckpoint, model: Any) -> list[Problem]:
     """The reference must be the same architecture with the same shapes."""
-    from probescope.models import read_config
-
     try:
         config = read_config(reference.entry())
     except ModelLoadError as exc:
@@ -285,8 +284,6 @@ def _reference_problems(reference: ReferenceCheckpoint, model: Any) -> list[Prob
 
 
 def _relative_update(params, run: ProbeRun, layout: ModelLayout, layers, names) -> np.ndarray:
-    from probescope.models import load_weights
-
     info = run.model.info
     reference = load_weights(params.reference.entry(dtype=info.dtype if info.dtype != "auto" else "float32",
                                                     device=str(run.model.device)))

@@ -18,7 +18,6 @@ treat them as read-only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -168,9 +167,6 @@ class ModelLayout:
 
     # -- components --------------------------------------------------------------------
 
-    def _component(self, name: str) -> Component | None:
-        return self.components.get(name)
-
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:
             raise SiteError(f"layer {layer} is out of range: the model has {self.num_layers} layers")
@@ -179,7 +175,7 @@ class ModelLayout:
         """The linear module holding component ``name`` of block ``layer`` (a fused
         module holds several), or None when the family lacks the component."""
         self._check_layer(layer)
-        part = self._component(name)
+        part = self.components.get(name)
         if part is None:
             return None
         module = get_submodule(self.model, f"{self.blocks}.{layer}.{part.module}")
@@ -196,7 +192,7 @@ class ModelLayout:
         module = self.module(layer, name)
         if module is None:
             raise SiteError(f"architecture {self.adapter.name!r} has no component {name!r}")
-        return self._component(name).take(out_by_in(module, tensor), dim=0)
+        return self.components[name].take(out_by_in(module, tensor), dim=0)
 
     def weight(self, layer: int, name: str) -> torch.Tensor | None:
         """Component ``name``'s weight in block ``layer`` as ``(out, in)``, or None when
@@ -218,7 +214,7 @@ class ModelLayout:
         bias = getattr(module, "bias", None) if module is not None else None
         if bias is None:
             return None
-        return self._component(name).take(bias, dim=0)
+        return self.components[name].take(bias, dim=0)
 
     # -- heads -------------------------------------------------------------------------
 
@@ -306,7 +302,3 @@ class ModelLayout:
             softcap=float(softcap) if softcap else None,
         )
 
-
-def layout_of(loaded: Any) -> ModelLayout:
-    """The :class:`ModelLayout` of a :class:`probescope.models.LoadedModel`."""
-    return ModelLayout(loaded.model, loaded.info.adapter, loaded.blocks)

@@ -59,8 +59,7 @@ def _cell(adapter: ArchitectureAdapter, name: str) -> str:
     module = adapter.component_modules.get(name)
     if module is None:
         return "absent"
-    note = adapter.fused.get(name)
-    return f"{note}" if note else f"`{module}`"
+    return adapter.fused.get(name) or f"`{module}`"
 
 
 def _mark(adapter: ArchitectureAdapter, name: str) -> str:
