@@ -194,6 +194,7 @@ class ComponentNorm(Probe):
         layout = run.model.layout
         layers = resolve_layers(params.layers, run.model.info.num_layers)
         names = chosen_components(params)
+        widths = np.array([_width(layout, name) or -1 for name in names], dtype=np.int64)
         values = np.full((len(layers), len(names)), np.nan)
         attrs: dict[str, Any] = {"statistic": params.statistic}
 
@@ -208,8 +209,7 @@ class ComponentNorm(Probe):
                     tokens = int(count)  # the same real tokens for every component
                     values[li, ci] = total / count
             if params.divide_by_sqrt_width:
-                widths = np.array([_width(layout, name) or np.nan for name in names], dtype=float)
-                values = values / np.sqrt(widths)
+                values = values / np.sqrt(np.where(widths > 0, widths, np.nan))
             attrs["divide_by_sqrt_width"] = int(params.divide_by_sqrt_width)
             attrs["tokens"] = tokens
         elif params.statistic == "weight_norm":
@@ -235,7 +235,6 @@ class ComponentNorm(Probe):
             long_name += " / sqrt(width)"
         present = np.array([name in layout.components for name in names])
         modules = np.array([_module_label(layout, name) for name in names], dtype=object)
-        widths = np.array([_width(layout, name) or -1 for name in names], dtype=np.int64)
         return xr.Dataset(
             {"value": (("layer", "component"), values,
                        {"long_name": long_name, "description": "NaN where the model's family lacks the component"})},

@@ -126,8 +126,12 @@ def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list, outco
     per_owner: dict[str, list[dict]] = {owner: [] for owner in owners}
     adapter = loaded.info.adapter
 
+    sites: dict = {}  # SiteRef -> Site: each site is placed once, however many probes read it
+
     def place(ref):
-        return adapter.site(ref, loaded.blocks, loaded.info.config)
+        if ref not in sites:
+            sites[ref] = adapter.site(ref, loaded.blocks, loaded.info.config)
+        return sites[ref]
 
     # A probe asking for a site this family lacks (GPT-2 has no mlp.gate) fails alone.
     unplaceable: dict[str, Exception] = {}
