@@ -58,12 +58,13 @@ def build(family: str, tokens: int):
     return model.eval(), body, tokenizer, prompt, torch.tensor([ids])
 
 
-def probescope_config(prompt: str) -> dict:
-    return {"inputs": {"prompts": [prompt]},
-            "probes": [{"use": "token_similarity"}, {"use": "component_norm", "statistic": "activation_norm"}]}
+#: Every activation probe at every site: token similarity over all layers and the
+#: activation norm of all seven components of all layers.
+ONE_PASS_PROBES = [{"use": "token_similarity"}, {"use": "component_norm", "statistic": "activation_norm"}]
 
 
-def child(what: str, kind: str, family: str, tokens: int, repeats: int) -> dict:
+def child(what: str, kind: str, family: str, tokens: int, repeats: int, probes: list = ONE_PASS_PROBES) -> dict:
+    """Measure one variant (``bare``, ``body`` or ``probescope`` running ``probes``)."""
     import torch
 
     import probescope
@@ -79,7 +80,7 @@ def child(what: str, kind: str, family: str, tokens: int, repeats: int) -> dict:
             with torch.inference_mode():
                 body(ids)
     else:
-        config = probescope_config(prompt)
+        config = {"inputs": {"prompts": [prompt]}, "probes": probes}
 
         def step():
             probescope.run(config, models={"m": (model, tokenizer)}, write=False)

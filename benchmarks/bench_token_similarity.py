@@ -29,51 +29,15 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import in_subprocess, measure  # noqa: E402
-
-
-def build(tokens: int):
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from probescope import demo
-
-    tokenizer = demo.build_tokenizer()
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)).eval()
-    words = (demo.DEMO_CORPUS.split() * 200)
-    ids = tokenizer(" ".join(words))["input_ids"][:tokens]
-    prompt = tokenizer.decode(ids)
-    ids = tokenizer(prompt)["input_ids"]
-    return model, tokenizer, prompt, torch.tensor([ids])
-
-
-def probescope_config(prompt: str) -> dict:
-    return {"inputs": {"prompts": [prompt]},
-            "probes": [{"use": "token_similarity", "layers": ["embed", *range(12)]}]}
+from bench_one_pass import child as one_pass_child  # noqa: E402
+from common import in_subprocess  # noqa: E402
 
 
 def child(what: str, kind: str, tokens: int, repeats: int) -> dict:
-    import torch
-
-    import probescope
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    model, tokenizer, prompt, ids = build(tokens)
-    if kind == "bare":
-        def step():
-            with torch.inference_mode():
-                model(ids)
-    elif kind == "body":
-        def step():
-            with torch.inference_mode():
-                model.transformer(ids)
-    else:
-        config = probescope_config(prompt)
-
-        def step():
-            probescope.run(config, models={"m": (model, tokenizer)}, write=False)
-    return {**measure(step, what, repeats), "tokens": int(ids.shape[1])}
+    """The one-pass benchmark's variants, on its GPT-2-small-shaped model, with only
+    token_similarity at the embedding and every block."""
+    probes = [{"use": "token_similarity", "layers": ["embed", *range(12)]}]
+    return one_pass_child(what, kind, "gpt2", tokens, repeats, probes=probes)
 
 
 def main() -> None:
