@@ -75,6 +75,16 @@ def coerce_parameters(schema: type[P], params: Any) -> P:
     raise TypeError(f"params must be {schema.__name__} or a mapping, not {type(params).__name__}")
 
 
+def known_colormap(name: str, advice: str) -> str:
+    """``name`` when matplotlib has a colour map of that name; otherwise a ValueError
+    (for a parameter validator) that ends with ``advice`` on what to give instead."""
+    import matplotlib
+
+    if name not in matplotlib.colormaps:
+        raise ValueError(f"{name!r} is not a matplotlib colour map; {advice}")
+    return name
+
+
 def split_models(
     datasets: Sequence[xr.Dataset] | xr.Dataset, error: type[Exception], renderer: str, probe: str,
 ) -> list[tuple[str, xr.Dataset, bool]]:

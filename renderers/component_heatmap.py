@@ -50,7 +50,14 @@ from probescope.architectures.base import COMPONENTS
 from probescope.errors import PluginError
 from probescope.plugins import hookimpl
 from probescope.probe import Parameters
-from probescope.renderer import Renderer, coerce_parameters, coord_text, index_values, split_models
+from probescope.renderer import (
+    Renderer,
+    coerce_parameters,
+    coord_text,
+    index_values,
+    known_colormap,
+    split_models,
+)
 
 #: The default colour map: ColorBrewer blues (RdBu's) through white to ColorBrewer
 #: oranges (PuOr's), so values below the centre read blue and values above it orange.
@@ -154,13 +161,10 @@ class ComponentHeatmapParameters(Parameters):
     @field_validator("cmap")
     @classmethod
     def _check_cmap(cls, cmap: Optional[str]) -> Optional[str]:
-        if cmap is not None and cmap not in matplotlib.colormaps:
-            raise ValueError(
-                f"{cmap!r} is not a matplotlib colour map; use a diverging one such as "
-                "'RdBu_r', 'PuOr_r' or 'coolwarm', or leave `cmap` out for the default "
-                "blue -> white -> orange"
-            )
-        return cmap
+        if cmap is None:
+            return None
+        return known_colormap(cmap, "use a diverging one such as 'RdBu_r', 'PuOr_r' or 'coolwarm', "
+                                    "or leave `cmap` out for the default blue -> white -> orange")
 
     @model_validator(mode="after")
     def _check_limits(self) -> "ComponentHeatmapParameters":

@@ -38,7 +38,14 @@ from probescope.errors import PluginError
 from probescope.plugins import hookimpl
 from probescope.probe import Parameters
 from probescope.probes.token_similarity import EMBED_LAYER, resolve_layers
-from probescope.renderer import Renderer, coerce_parameters, coord_text, index_values, split_models
+from probescope.renderer import (
+    Renderer,
+    coerce_parameters,
+    coord_text,
+    index_values,
+    known_colormap,
+    split_models,
+)
 
 #: How a layer is chosen, as in the token_similarity probe's ``layers``: a block index
 #: (0-based; negative counts from the end of each model's blocks, so -1 is its last block),
@@ -146,12 +153,8 @@ class SimilarityGridParameters(Parameters):
     @field_validator("cmap")
     @classmethod
     def _check_cmap(cls, cmap: str) -> str:
-        if cmap not in matplotlib.colormaps:
-            raise ValueError(
-                f"{cmap!r} is not a matplotlib colour map; use one of matplotlib's names "
-                "such as 'YlOrRd', 'Reds', 'Blues', 'viridis' or 'magma'"
-            )
-        return cmap
+        return known_colormap(cmap, "use one of matplotlib's names such as 'YlOrRd', 'Reds', "
+                                    "'Blues', 'viridis' or 'magma'")
 
     @model_validator(mode="after")
     def _check_limits(self) -> "SimilarityGridParameters":
