@@ -430,3 +430,54 @@ def test_fused_components_stack_back_into_the_raw_parameter(case_id):
             if module.bias is not None:
                 bias = fused.combine([layout.bias(layer, name) for name in fused.components])
                 torch.testing.assert_close(bias, module.bias, **EXACT)
+
+
+# -- 7. a block's MLP on its own (MAPS's extended embedding) ----------------------------------------
+
+#: The attention module of a block, per family (from the transformers sources).
+ATTENTION = {"gpt2": "attn", "gpt_neox": "attention", "gptj": "attn", "opt": "self_attn"}
+
+
+def block_without_attention(case_id: str, ids: torch.Tensor):
+    """Block 0's input and output on a run where its attention writes nothing: a hook
+    replaces the attention module's output with zeros."""
+    case = BY_ID[case_id]
+    model = build(case_id)
+    block = model.get_submodule(f"{case.blocks}.0")
+    attention = block.get_submodule(ATTENTION.get(case.adapter, "self_attn"))
+    seen = {}
+
+    def zero(module, args, out):
+        return (torch.zeros_like(out[0]),) + tuple(out[1:])
+
+    def pre(module, args, kwargs):
+        seen["in"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+    def post(module, args, out):
+        seen["out"] = first(out).detach().clone()
+
+    handles = [attention.register_forward_hook(zero), block.register_forward_pre_hook(pre, with_kwargs=True),
+               block.register_forward_hook(post)]
+    try:
+        with torch.no_grad():
+            model(ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return block, seen["in"], seen["out"]
+
+
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_mlp_output_is_what_the_mlp_adds_to_the_stream(case_id):
+    block, x, y = block_without_attention(case_id, input_ids(case_id, 3))
+    layout = layout_of(case_id)
+    with torch.no_grad():
+        if case_id == "opt-350m-like":  # post-norm: y = LN_ffn(h + mlp(h)), h = LN_attn(x)
+            h = block.self_attn_layer_norm(x)
+            torch.testing.assert_close(block.final_layer_norm(h + layout.mlp_output(0, h)), y, **CLOSE)
+        else:
+            added = layout.mlp_output(0, x)
+            torch.testing.assert_close(x + added, y, **CLOSE)
+            assert added.abs().max() > 0.1  # the MLP visibly writes something
+    with pytest.raises(SiteError, match="out of range"):
+        layout.mlp_output(LAYERS, x)

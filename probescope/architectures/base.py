@@ -208,6 +208,10 @@ class ArchitectureAdapter:
     #: relative to the module that holds the block list; absent modules are skipped.
     project_in_path: ClassVar[str | None] = None
     project_out_path: ClassVar[str | None] = None
+    #: A block's MLP and the norm in front of it, relative to the block (None: the
+    #: family does not name them, and :meth:`mlp_output` is unavailable unless overridden).
+    mlp_path: ClassVar[str | None] = None
+    mlp_norm_path: ClassVar[str | None] = None
 
     def handles(self, config: Any) -> bool:
         """Whether this adapter is the one for a model with this transformers config."""
@@ -255,6 +259,20 @@ class ArchitectureAdapter:
     def embedding_scale(self, config: Any) -> float:
         """Factor the family multiplies token embeddings by (Gemma: sqrt(d))."""
         return 1.0
+
+    def mlp_output(self, block: torch.nn.Module, x: torch.Tensor, config: Any) -> torch.Tensor:
+        """What ``block``'s MLP writes into a residual stream holding ``x`` ``(..., d)``,
+        the block's attention left out: ``mlp(norm(x))`` with the norm the family puts
+        in front of the MLP (shared with attention in parallel blocks).
+
+        MAPS (Elhelo & Geva 2025) passes token embeddings through block 0's MLP this way
+        before projecting them through the value-output circuits of later heads.
+        """
+        if self.mlp_path is None:
+            raise SiteError(f"architecture {self.name!r} does not name its blocks' MLP")
+        mlp = block.get_submodule(self.mlp_path)
+        norm = block.get_submodule(self.mlp_norm_path) if self.mlp_norm_path else None
+        return mlp(norm(x) if norm is not None else x)
 
     def blocks(self, model: torch.nn.Module) -> str:
         """Dotted path of the block list in this model instance."""

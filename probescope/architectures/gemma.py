@@ -21,6 +21,11 @@ class Gemma2Adapter(GemmaAdapter):
     name = "gemma2"
     model_types = ("gemma2",)
     description = "Gemma 2 (Gemma2ForCausalLM, Gemma2Model); embeddings scaled by sqrt(d), logit soft cap"
+    mlp_norm_path = "pre_feedforward_layernorm"
+
+    def mlp_output(self, block: Any, x: Any, config: Any) -> Any:
+        # Gemma 2 normalises the MLP's output too before adding it to the stream.
+        return block.post_feedforward_layernorm(super().mlp_output(block, x, config))
 
 
 @hookimpl

@@ -26,6 +26,8 @@ class GPT2Adapter(ArchitectureAdapter):
         "attn.v": "`c_attn` features [2d, 3d)",
     }
     final_norm_path = "ln_f"
+    mlp_path = "mlp"
+    mlp_norm_path = "ln_2"
 
     def components(self, config: Any) -> dict[str, Component]:
         d = self.hidden_size(config)

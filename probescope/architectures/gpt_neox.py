@@ -27,6 +27,9 @@ class GPTNeoXAdapter(ArchitectureAdapter):
         "attn.v": "`query_key_value`, per head: features [2h, 3h) of each group",
     }
     final_norm_path = "final_layer_norm"
+    mlp_path = "mlp"
+    # Its own norm in front of the MLP, in parallel and sequential blocks alike.
+    mlp_norm_path = "post_attention_layernorm"
 
     def components(self, config: Any) -> dict[str, Component]:
         shape = self.attention_shape(config)

@@ -21,6 +21,8 @@ class GPTJAdapter(ArchitectureAdapter):
         "mlp.down": "mlp.fc_out",
     }
     final_norm_path = "ln_f"
+    mlp_path = "mlp"
+    mlp_norm_path = "ln_1"  # shared with attention
 
     def parallel(self, config: Any) -> bool:
         return True

@@ -9,7 +9,8 @@ without knowing module paths or storage conventions:
 - :meth:`ModelLayout.heads` splits the attention weights by head, grouped-query
   attention resolved;
 - :meth:`ModelLayout.embedding`, :meth:`ModelLayout.unembedding` and
-  :meth:`ModelLayout.final_norm` give the ends of the residual stream.
+  :meth:`ModelLayout.final_norm` give the ends of the residual stream;
+- :meth:`ModelLayout.mlp_output` runs one block's MLP (with its norm) on given vectors.
 
 Weights come back as views of the model's parameters where the layout allows (no copy);
 treat them as read-only.
@@ -215,6 +216,14 @@ class ModelLayout:
         if bias is None:
             return None
         return self.components[name].take(bias, dim=0)
+
+    def mlp_output(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """What block ``layer``'s MLP writes into a residual stream holding ``x``
+        ``(..., d_model)``, its attention left out (see
+        :meth:`~probescope.architectures.base.ArchitectureAdapter.mlp_output`)."""
+        self._check_layer(layer)
+        block = self.model.get_submodule(f"{self.blocks}.{layer}")
+        return self.adapter.mlp_output(block, x, self.config)
 
     # -- heads -------------------------------------------------------------------------
 

@@ -21,6 +21,8 @@ class LlamaAdapter(ArchitectureAdapter):
         "mlp.down": "mlp.down_proj",
     }
     final_norm_path = "norm"
+    mlp_path = "mlp"
+    mlp_norm_path = "post_attention_layernorm"  # the norm in front of the MLP, despite its name
 
 
 class MistralAdapter(LlamaAdapter):

@@ -3,6 +3,8 @@ the block (there is no ``mlp`` module) and work on tokens flattened to ``(tokens
 OPT-350m embeds in a narrower space, projected in and out, and normalises after each
 sublayer, so it has no final norm."""
 
+from typing import Any
+
 from probescope.architectures.base import ArchitectureAdapter
 from probescope.plugins import hookimpl
 
@@ -23,6 +25,13 @@ class OPTAdapter(ArchitectureAdapter):
     final_norm_path = "final_layer_norm"
     project_in_path = "project_in"
     project_out_path = "project_out"
+
+    def mlp_output(self, block: Any, x: Any, config: Any) -> Any:
+        # No MLP module: fc1, the activation and fc2 sit on the block. Pre-norm OPT puts
+        # final_layer_norm in front of them; post-norm OPT-350m normalises after the sum.
+        if getattr(config, "do_layer_norm_before", True):
+            x = block.final_layer_norm(x)
+        return block.fc2(block.activation_fn(block.fc1(x)))
 
 
 @hookimpl

@@ -21,6 +21,8 @@ class PhiAdapter(ArchitectureAdapter):
         "mlp.down": "mlp.fc2",
     }
     final_norm_path = "final_layernorm"
+    mlp_path = "mlp"
+    mlp_norm_path = "input_layernorm"  # shared with attention
 
     def parallel(self, config: Any) -> bool:
         return True

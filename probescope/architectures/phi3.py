@@ -30,6 +30,8 @@ class Phi3Adapter(ArchitectureAdapter):
         "mlp.up": "`gate_up_proj` second half",
     }
     final_norm_path = "norm"
+    mlp_path = "mlp"
+    mlp_norm_path = "post_attention_layernorm"
 
     def components(self, config: Any) -> dict[str, Component]:
         shape = self.attention_shape(config)
