@@ -34,7 +34,7 @@ from probescope.errors import ModelLoadError, Problem, ProbescopeError
 from probescope.inputs import Batch
 from probescope.models import is_model_folder, load_weights, read_config
 from probescope.plugins import hookimpl
-from probescope.probe import ConfigPath, Parameters, Probe, ProbeRun, Read
+from probescope.probe import ConfigPath, Parameters, Probe, ProbeRun, Read, block_layers, layer_problems
 from probescope.progress import progress
 
 Statistic = Literal["activation_norm", "weight_norm", "relative_update", "grad_norm"]
@@ -128,13 +128,6 @@ class ComponentNormParameters(Parameters):
         return self
 
 
-def resolve_layers(layers: Optional[list[int]], num_layers: int) -> list[int]:
-    """Non-negative block indices in ascending order."""
-    if layers is None:
-        return list(range(num_layers))
-    return sorted({layer + num_layers if layer < 0 else layer for layer in layers})
-
-
 def chosen_components(params: ComponentNormParameters) -> list[str]:
     """The components of the dataset, in canonical order."""
     wanted = set(params.components or COMPONENTS)
@@ -167,12 +160,7 @@ class ComponentNorm(Probe):
     Parameters = ComponentNormParameters
 
     def check(self, params: ComponentNormParameters, model: Any) -> list[Problem]:
-        problems = []
-        n = model.num_layers
-        for i, layer in enumerate(params.layers or []):
-            if not -n <= layer < n:
-                problems.append(Problem(f"layers[{i}]", f"layer {layer} is out of range: the model "
-                                                        f"has {n} layers, so give {-n}..{n - 1}"))
+        problems = layer_problems(params.layers, model.num_layers)
         if not model.adapter.component_modules:
             problems.append(Problem("", f"architecture {model.adapter.name!r} has no component sites; "
                                         "component_norm needs an adapter that names them (see docs/architectures.md)"))
@@ -186,13 +174,13 @@ class ComponentNorm(Probe):
         present = model.adapter.components(model.config)
         return [
             Read(f"{layer}/{name}", component(name, layer), _norm_sum)
-            for layer in resolve_layers(params.layers, model.num_layers)
+            for layer in block_layers(params.layers, model.num_layers)
             for name in chosen_components(params) if name in present
         ]
 
     def build(self, params: ComponentNormParameters, run: ProbeRun) -> xr.Dataset:
         layout = run.model.layout
-        layers = resolve_layers(params.layers, run.model.info.num_layers)
+        layers = block_layers(params.layers, run.model.info.num_layers)
         names = chosen_components(params)
         widths = np.array([_width(layout, name) or -1 for name in names], dtype=np.int64)
         values = np.full((len(layers), len(names)), np.nan)

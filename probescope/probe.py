@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 import xarray as xr
@@ -96,3 +96,22 @@ class Probe:
     def build(self, params: Any, run: ProbeRun) -> xr.Dataset:
         """The probe's result for one model. Provenance ``attrs`` are added by the runner."""
         raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------
+# Helpers for probes whose ``layers`` parameter lists block indices.
+
+
+def block_layers(layers: Optional[Sequence[int]], num_layers: int) -> list[int]:
+    """Block indices (negative ones count from the end) as non-negative indices in
+    ascending order; every block when ``layers`` is None."""
+    if layers is None:
+        return list(range(num_layers))
+    return sorted({layer + num_layers if layer < 0 else layer for layer in layers})
+
+
+def layer_problems(layers: Optional[Sequence[int]], num_layers: int, key: str = "layers") -> list[Problem]:
+    """A problem for each block index out of range for a model with ``num_layers`` blocks."""
+    n = num_layers
+    return [Problem(f"{key}[{i}]", f"layer {layer} is out of range: the model has {n} layers, so give {-n}..{n - 1}")
+            for i, layer in enumerate(layers or []) if not -n <= layer < n]
