@@ -341,11 +341,9 @@ def validate(
     models = _entries(ModelEntry, raw, "models", problems)
     if not raw.get("models") and not given_models:
         problems.append(Problem("models", "at least one [[models]] entry is required"))
-    if "inputs" not in raw:
-        problems.append(Problem("inputs", "required section is missing; it holds prompts = [...]"))
-        inputs = None
-    else:
-        inputs = _section(Inputs, raw["inputs"], ("inputs",), problems)
+    # [inputs] may be left out when no probe reads activations (the head classifier reads
+    # only weights); runner.prepare asks each probe and reports it missing otherwise.
+    inputs = _section(Inputs, raw["inputs"], ("inputs",), problems) if "inputs" in raw else None
     probe_entries = _entries(ProbeEntry, raw, "probes", problems)
     if not raw.get("probes"):
         problems.append(Problem("probes", "at least one [[probes]] entry is required"))

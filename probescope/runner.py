@@ -55,6 +55,7 @@ def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedMode
     prepared: list[Prepared] = []
     probe_params = {task.name: task.params for task in plan.probes}
     candidates: list[tuple[str, Any, Any]] = []  # (location, entry, loaded)
+    asked_for_prompts = False
     for i, entry in plan.models:
         candidates.append((f"models[{i}]", entry, None))
     for name, loaded in given.items():
@@ -90,6 +91,9 @@ def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedMode
                 ))
         for task in plan.probes:
             problems += _scoped(f"probes[{task.index}]", info.name, task.probe.check(task.params, info))
+        if not plan.prompts and not asked_for_prompts:  # once, not once per model
+            problems += _needs_prompts(plan, info)
+            asked_for_prompts = True
         for task in plan.renderers:
             if task.probe in probe_params:
                 found = task.renderer.check(task.params, prompts=plan.prompts,
@@ -99,6 +103,21 @@ def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedMode
     if problems:
         raise ConfigError(plan.source, problems)
     return prepared
+
+
+def _needs_prompts(plan: Plan, info: models_mod.ModelInfo) -> list[Problem]:
+    """A problem when some probe reads activations but the config gives no prompts."""
+    readers = []
+    for task in plan.probes:
+        try:
+            if task.probe.reads(task.params, info):
+                readers.append(task.name)
+        except Exception:  # the probe's own failure is reported when it runs
+            continue
+    if not readers:
+        return []
+    return [Problem("inputs", f"required section is missing; it holds prompts = [...], which "
+                              f"{', '.join(map(repr, readers))} read{'s' if len(readers) == 1 else ''} activations of")]
 
 
 def _scoped(entry: str, model: str, problems: Sequence[Problem]) -> list[Problem]:
