@@ -114,7 +114,8 @@ def _chunks(vocab: int, first: int, largest: int) -> Iterable[tuple[int, int]]:
 
 def _layer_hits(x: torch.Tensor, source_row: torch.Tensor, target: torch.Tensor, k: torch.Tensor,
                 W_V: torch.Tensor, W_O: torch.Tensor, kv_head: torch.Tensor, W_U: torch.Tensor,
-                dtype: torch.dtype, budget: int, first_chunk: int, max_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+                dtype: torch.dtype, budget: int, first_chunk: int, max_chunk: int,
+                stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For one layer: ``(heads, pairs)`` bools, target in the top k / bottom k.
 
     :param x: ``(sources, d)`` distinct source vectors; ``source_row[p]`` is pair p's row.
@@ -134,6 +135,7 @@ def _layer_hits(x: torch.Tensor, source_row: torch.Tensor, target: torch.Tensor,
     unique_kv = torch.unique(kv_head)
     W_V_kv = {int(g): W_V[int((kv_head == g).nonzero()[0])].to(dtype) for g in unique_kv}
     U_target = W_U[:, target].to(dtype).t()  # (P, d)
+    flops = 0
 
     for h0 in range(0, H, group):
         heads = range(h0, min(H, h0 + group))
@@ -144,6 +146,7 @@ def _layer_hits(x: torch.Tensor, source_row: torch.Tensor, target: torch.Tensor,
         W_O_g = W_O[h0:h0 + n].to(dtype)
         Z = torch.bmm(Y, W_O_g)  # (n, S, d)
         Zp = Z[:, source_row]  # (n, P, d)
+        flops += 2 * (len(xv) * S * d * hd + n * S * hd * d + n * P * d)
         t = (Zp * U_target).sum(-1)  # (n, P): each pair's target logit
         above = torch.zeros(n, P, dtype=torch.long, device=device)
         below = torch.zeros(n, P, dtype=torch.long, device=device)
@@ -160,6 +163,7 @@ def _layer_hits(x: torch.Tensor, source_row: torch.Tensor, target: torch.Tensor,
             open_heads = torch.unique(rows[:, 0])
             factored = open_heads.numel() * (hd * d + S * hd) * c
             direct = N * d * c
+            flops += 2 * min(factored, direct)
             if factored < direct:
                 A = torch.matmul(W_O_g[open_heads], U)  # (h', hd, c)
                 L = torch.bmm(Y[open_heads], A)  # (h', S, c)
@@ -178,6 +182,8 @@ def _layer_hits(x: torch.Tensor, source_row: torch.Tensor, target: torch.Tensor,
             open_ = (above < kk) | (below < kk)
         relation_hit[h0:h0 + n] = above < kk
         suppression_hit[h0:h0 + n] = below < kk
+    if stats is not None:
+        stats["flops"] = stats.get("flops", 0) + flops
     return relation_hit, suppression_hit
 
 
@@ -195,11 +201,13 @@ def relation_scores(
     layout: ModelLayout, pairs: PairSet, *, layers: Sequence[int] | None = None, through_first_mlp: bool = True,
     dtype: torch.dtype = torch.float32, budget_bytes: int = BUDGET_BYTES, first_chunk: int = FIRST_CHUNK,
     max_chunk: int = MAX_CHUNK, progress: Callable[[Iterable[int]], Iterable[int]] = iter,
+    stats: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Relation and suppression scores, each ``(layers, heads, relations)`` float64.
 
     Computed on the device the embedding lives on, in ``dtype`` (float32 by default;
-    float64 to compare with :func:`reference_scores` bit for bit).
+    float64 to compare with :func:`reference_scores` bit for bit). ``stats``, when given,
+    collects ``flops``: the multiply-adds (times 2) of the matrix products performed.
     """
     layers = list(range(layout.num_layers)) if layers is None else list(layers)
     R, H = pairs.relations, layout.attention_shape.n_heads
@@ -217,7 +225,7 @@ def relation_scores(
             w = layout.heads(layer)
             hit, supp = _layer_hits(sources(layer).to(device), source_row, target, k, w.W_V.detach(),
                                     w.W_O.detach(), w.kv_head.to(device), W_U, dtype, budget_bytes,
-                                    first_chunk, max_chunk)
+                                    first_chunk, max_chunk, stats)
             relation[i] = _per_relation(hit, pairs)
             suppression[i] = _per_relation(supp, pairs)
     return relation, suppression
