@@ -24,6 +24,7 @@ class Gemma2Adapter(GemmaAdapter):
     mlp_norm_path = "pre_feedforward_layernorm"
 
     def mlp_output(self, block: Any, x: Any, config: Any) -> Any:
+        """then `post_feedforward_layernorm` on its output"""
         # Gemma 2 normalises the MLP's output too before adding it to the stream.
         return block.post_feedforward_layernorm(super().mlp_output(block, x, config))
 

@@ -27,6 +27,7 @@ class OPTAdapter(ArchitectureAdapter):
     project_out_path = "project_out"
 
     def mlp_output(self, block: Any, x: Any, config: Any) -> Any:
+        """`fc2(activation_fn(fc1(final_layer_norm(x))))`, all on the block (no MLP module); post-norm OPT-350m has no norm in front"""
         # No MLP module: fc1, the activation and fc2 sit on the block. Pre-norm OPT puts
         # final_layer_norm in front of them; post-norm OPT-350m normalises after the sum.
         if getattr(config, "do_layer_norm_before", True):

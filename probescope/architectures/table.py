@@ -42,6 +42,9 @@ canonical names. Probes ask for canonical sites; they never name a module path.
   input projection), `ModelLayout.unembedding()` (tied to the embedding or not, detected
   from the tensors, never assumed from the family; Gemma 2's logit soft cap noted),
   `ModelLayout.final_norm()` (None where the model has none).
+- **MLP on its own** (`ModelLayout.mlp_output(layer, x)`): what a block's MLP writes to
+  a residual stream holding `x`, with the norm in front of it and its attention left out
+  (MAPS passes token embeddings through block 0's MLP this way).
 - **Parallel**: whether attention and MLP read the same input and add to the residual
   stream together.
 
@@ -66,6 +69,16 @@ def _mark(adapter: ArchitectureAdapter, name: str) -> str:
     if name not in adapter.component_modules:
         return "absent"
     return "fused" if name in adapter.fused else "yes"
+
+
+def _mlp_cell(adapter: ArchitectureAdapter) -> str:
+    if adapter.mlp_path is None and type(adapter).mlp_output is ArchitectureAdapter.mlp_output:
+        return "not named"
+    text = f"`{adapter.mlp_path}` after `{adapter.mlp_norm_path}`" if adapter.mlp_path else ""
+    if type(adapter).mlp_output is not ArchitectureAdapter.mlp_output:
+        doc = (type(adapter).mlp_output.__doc__ or "").strip()
+        text = (text + "; " if text else "") + (doc or "family-specific")
+    return text
 
 
 def overview(adapters: Iterable[ArchitectureAdapter]) -> str:
@@ -95,6 +108,7 @@ def table(adapters: Iterable[ArchitectureAdapter]) -> str:
             out.append(f"| `{name}` | {_cell(adapter, name)} |")
         final = f"`{adapter.final_norm_path}`" if adapter.final_norm_path else "none"
         out.append(f"| final norm | {final} (beside the block list) |")
+        out.append(f"| MLP, with the norm in front of it | {_mlp_cell(adapter)} |")
         out.append(f"| attention and MLP in parallel | {parallel} |")
         out.append("")
     return "\n".join(out)
