@@ -44,7 +44,7 @@ from probescope.architectures.layout import ModelLayout
 FIRST_CHUNK = 512
 MAX_CHUNK = 8192
 #: Rough upper bound on the size of one intermediate tensor.
-BUDGET_BYTES = 1 << 28
+BUDGET_BYTES = 1 << 29
 
 
 @dataclass(frozen=True)
@@ -104,14 +104,6 @@ def _sources_by_layer(layout: ModelLayout, tokens: torch.Tensor, layers: Sequenc
     return get
 
 
-def _chunks(vocab: int, first: int, largest: int) -> Iterable[tuple[int, int]]:
-    start, size = 0, first
-    while start < vocab:
-        stop = min(vocab, start + size)
-        yield start, stop
-        start, size = stop, min(largest, size * 2)
-
-
 def _layer_hits(x: torch.Tensor, source_row: torch.Tensor, target: torch.Tensor, k: torch.Tensor,
                 W_V: torch.Tensor, W_O: torch.Tensor, kv_head: torch.Tensor, W_U: torch.Tensor,
                 dtype: torch.dtype, budget: int, first_chunk: int, max_chunk: int,
@@ -129,8 +121,9 @@ def _layer_hits(x: torch.Tensor, source_row: torch.Tensor, target: torch.Tensor,
     suppression_hit = torch.zeros(H, P, dtype=torch.bool, device=device)
     if P == 0:
         return relation_hit, suppression_hit
-    # Heads in groups small enough that (group, pairs, d) and (group, sources, chunk) fit the budget.
-    per_head = max(P * d, S * max_chunk, P * max_chunk) * itemsize
+    # Heads in groups small enough that x W_V W_O (group, sources, d) and the first chunk's
+    # logits, (group, sources, chunk) and (group, pairs, chunk), fit the budget.
+    per_head = (S * d + S * first_chunk + P * first_chunk + P * hd) * itemsize
     group = max(1, min(H, budget // max(1, per_head)))
     unique_kv = torch.unique(kv_head)
     W_V_kv = {int(g): W_V[int((kv_head == g).nonzero()[0])].to(dtype) for g in unique_kv}
@@ -145,41 +138,47 @@ def _layer_hits(x: torch.Tensor, source_row: torch.Tensor, target: torch.Tensor,
         Y = torch.stack([xv[int(kv_head[h])] for h in heads])
         W_O_g = W_O[h0:h0 + n].to(dtype)
         Z = torch.bmm(Y, W_O_g)  # (n, S, d)
-        Zp = Z[:, source_row]  # (n, P, d)
-        flops += 2 * (len(xv) * S * d * hd + n * S * hd * d + n * P * d)
-        t = (Zp * U_target).sum(-1)  # (n, P): each pair's target logit
+        # Each pair's target logit, x W_V (W_O u_target): (n, P)
+        t = (Y[:, source_row] * torch.matmul(U_target, W_O_g.transpose(1, 2))).sum(-1)
+        flops += 2 * (len(xv) * S * d * hd + n * S * hd * d + n * P * d * hd + n * P * hd)
         above = torch.zeros(n, P, dtype=torch.long, device=device)
         below = torch.zeros(n, P, dtype=torch.long, device=device)
         kk = k.to(device).expand(n, P)
         open_ = torch.ones(n, P, dtype=torch.bool, device=device)
 
-        for start, stop in _chunks(V, first_chunk, max_chunk):
+        start, size = 0, first_chunk
+        while start < V:
             rows = open_.nonzero()  # (N, 2): (head in group, pair)
             N = rows.shape[0]
             if N == 0:
                 break
+            open_heads = torch.unique(rows[:, 0])
+            # Operations per vocabulary column of each product order; the cheaper one wins.
+            factored = open_heads.numel() * (hd * d + S * hd)
+            direct = N * d
+            held = open_heads.numel() * S + N if factored < direct else N  # elements per column
+            stop = start + max(1, min(size, V - start, budget // (itemsize * held)))
             c = stop - start
             U = W_U[:, start:stop].to(dtype)  # (d, c)
-            open_heads = torch.unique(rows[:, 0])
-            factored = open_heads.numel() * (hd * d + S * hd) * c
-            direct = N * d * c
-            flops += 2 * min(factored, direct)
+            flops += 2 * min(factored, direct) * c
             if factored < direct:
                 A = torch.matmul(W_O_g[open_heads], U)  # (h', hd, c)
                 L = torch.bmm(Y[open_heads], A)  # (h', S, c)
                 position = torch.full((n,), -1, dtype=torch.long, device=device)
                 position[open_heads] = torch.arange(open_heads.numel(), device=device)
                 logits = L[position[rows[:, 0]], source_row[rows[:, 1]]]  # (N, c)
+                del A, L
             else:
-                logits = Zp[rows[:, 0], rows[:, 1]] @ U  # (N, c)
+                logits = Z[rows[:, 0], source_row[rows[:, 1]]] @ U  # (N, c)
             own = t[rows[:, 0], rows[:, 1]]
             # The target's own logit, computed in another order, must not count against it.
             tgt = target[rows[:, 1]]
             inside = (tgt >= start) & (tgt < stop)
             logits[inside.nonzero().squeeze(1), (tgt[inside] - start)] = own[inside]
-            above[rows[:, 0], rows[:, 1]] += (logits > own[:, None]).sum(1)
-            below[rows[:, 0], rows[:, 1]] += (logits < own[:, None]).sum(1)
+            above[rows[:, 0], rows[:, 1]] += torch.count_nonzero(logits > own[:, None], dim=1)
+            below[rows[:, 0], rows[:, 1]] += torch.count_nonzero(logits < own[:, None], dim=1)
             open_ = (above < kk) | (below < kk)
+            start, size = stop, min(max_chunk, size * 2)
         relation_hit[h0:h0 + n] = above < kk
         suppression_hit[h0:h0 + n] = below < kk
     if stats is not None:
