@@ -35,7 +35,6 @@ import torch
 import xarray as xr
 from pydantic import AfterValidator, Field, PositiveInt, StrictInt, field_validator, model_validator
 
-from probescope.architectures.base import ArchitectureAdapter
 from probescope.errors import Problem
 from probescope.plugins import hookimpl
 from probescope.probe import ConfigPath, Parameters, Probe, ProbeRun, block_layers, layer_problems
@@ -129,10 +128,6 @@ class HeadClassifierParameters(Parameters):
         return self.k or (25 if large else 10)
 
 
-def _has_mlp(adapter: ArchitectureAdapter) -> bool:
-    return adapter.mlp_path is not None or type(adapter).mlp_output is not ArchitectureAdapter.mlp_output
-
-
 class HeadClassifier(Probe):
     name = "head_classifier"
     version = "0.1.0"
@@ -146,7 +141,7 @@ class HeadClassifier(Probe):
         if missing:
             problems.append(Problem("", f"architecture {adapter.name!r} names no {' or '.join(missing)} weights; "
                                         "the head classifier needs an adapter that does (see docs/architectures.md)"))
-        elif params.through_first_mlp and not _has_mlp(adapter):
+        elif params.through_first_mlp and not adapter.names_mlp():
             problems.append(Problem("through_first_mlp", f"architecture {adapter.name!r} does not name its MLP; "
                                                          "set through_first_mlp = false"))
         return problems

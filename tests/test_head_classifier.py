@@ -383,3 +383,24 @@ def test_builtin_relations_on_a_saved_model_and_the_saved_dataset(model_dirs, tm
     assert (tmp_path / "out" / "heads.png").is_file()
     saved = xr.open_dataset(tmp_path / "out" / "tiny" / "head_classifier.nc")
     xr.testing.assert_identical(saved.load(), ds)
+
+
+def test_adapters_without_head_weights_or_mlp_are_config_problems():
+    from types import SimpleNamespace
+
+    from probescope.architectures.base import BlockListAdapter
+    from probescope.architectures.gpt2 import GPT2Adapter
+    from probescope.probes.head_classifier import HeadClassifier, HeadClassifierParameters
+
+    class NoMLP(GPT2Adapter):
+        mlp_path = None
+
+    probe, params = HeadClassifier(), HeadClassifierParameters()
+    config = SimpleNamespace(n_embd=32, n_head=4, num_hidden_layers=3)
+    info = lambda adapter: SimpleNamespace(num_layers=3, adapter=adapter, config=config)  # noqa: E731
+    [problem] = probe.check(params, info(BlockListAdapter("h")))
+    assert "names no attn.v or attn.o weights" in problem.message
+    [problem] = probe.check(params, info(NoMLP()))
+    assert problem.location == "through_first_mlp" and "set through_first_mlp = false" in problem.message
+    assert probe.check(params.model_copy(update={"through_first_mlp": False}), info(NoMLP())) == []
+    assert probe.check(params, info(GPT2Adapter())) == []

@@ -260,6 +260,11 @@ class ArchitectureAdapter:
         """Factor the family multiplies token embeddings by (Gemma: sqrt(d))."""
         return 1.0
 
+    def names_mlp(self) -> bool:
+        """Whether :meth:`mlp_output` works for this family (it names the MLP, or overrides
+        :meth:`mlp_output` for a family without an MLP module)."""
+        return self.mlp_path is not None or type(self).mlp_output is not ArchitectureAdapter.mlp_output
+
     def mlp_output(self, block: torch.nn.Module, x: torch.Tensor, config: Any) -> torch.Tensor:
         """What ``block``'s MLP writes into a residual stream holding ``x`` ``(..., d)``,
         the block's attention left out: ``mlp(norm(x))`` with the norm the family puts

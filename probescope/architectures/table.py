@@ -72,7 +72,7 @@ def _mark(adapter: ArchitectureAdapter, name: str) -> str:
 
 
 def _mlp_cell(adapter: ArchitectureAdapter) -> str:
-    if adapter.mlp_path is None and type(adapter).mlp_output is ArchitectureAdapter.mlp_output:
+    if not adapter.names_mlp():
         return "not named"
     text = f"`{adapter.mlp_path}` after `{adapter.mlp_norm_path}`" if adapter.mlp_path else ""
     if type(adapter).mlp_output is not ArchitectureAdapter.mlp_output:
