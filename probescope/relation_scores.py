@@ -18,8 +18,10 @@ project, then ``topk``. :func:`relation_scores` gives the same numbers much fast
    ``topk`` over the vocabulary: compare each logit with the target's, once.
 2. **Stopping early.** The vocabulary is read in chunks. A pair is decided as soon as
    ``k`` tokens beat its target (for the relation score) and ``k`` tokens fall below it
-   (for suppression); for most heads that happens within the first few hundred tokens,
-   so later chunks only compute the logits of the few pairs still open.
+   (for suppression). A pair whose target sits at a random rank is decided after about
+   ``k * vocabulary / rank`` tokens, so after ``n`` tokens a fraction of about ``2k / n``
+   is still open: the first chunk is small (64 tokens), chunks then double, and later
+   ones compute the logits of the open pairs only.
 3. **The cheaper product order.** For many open pairs, ``(x W_V^h)(W_O^h W_U)`` over
    each head's ``head_dim``-wide factor; for few, ``(x W_V^h W_O^h) W_U`` row by row in
    one matrix product for all heads. Each chunk takes whichever needs fewer operations.
@@ -40,11 +42,12 @@ import torch
 
 from probescope.architectures.layout import ModelLayout
 
-#: First vocabulary chunk; each later chunk doubles, up to :data:`MAX_CHUNK`.
-FIRST_CHUNK = 512
+#: First vocabulary chunk; each later chunk doubles, up to :data:`MAX_CHUNK`. Measured
+#: on the benchmark's full run: 64 and 32 equally fast, 512 half again slower.
+FIRST_CHUNK = 64
 MAX_CHUNK = 8192
 #: Rough upper bound on the size of one intermediate tensor.
-BUDGET_BYTES = 1 << 29
+BUDGET_BYTES = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,13 @@ def _sources_by_layer(layout: ModelLayout, tokens: torch.Tensor, layers: Sequenc
         return cache[key]
 
     return get
+
+
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """True entries per row of a ``(rows, columns)`` bool tensor, as int64. Summing the
+    bytes as int32 is about 1.6x faster on a CPU than ``sum`` or ``count_nonzero``, which
+    convert every entry to int64 first."""
+    return mask.view(torch.uint8).sum(1, dtype=torch.int32).long()
 
 
 def _layer_hits(x: torch.Tensor, source_row: torch.Tensor, target: torch.Tensor, k: torch.Tensor,
@@ -175,8 +185,8 @@ def _layer_hits(x: torch.Tensor, source_row: torch.Tensor, target: torch.Tensor,
             tgt = target[rows[:, 1]]
             inside = (tgt >= start) & (tgt < stop)
             logits[inside.nonzero().squeeze(1), (tgt[inside] - start)] = own[inside]
-            above[rows[:, 0], rows[:, 1]] += torch.count_nonzero(logits > own[:, None], dim=1)
-            below[rows[:, 0], rows[:, 1]] += torch.count_nonzero(logits < own[:, None], dim=1)
+            above[rows[:, 0], rows[:, 1]] += _count(logits > own[:, None])
+            below[rows[:, 0], rows[:, 1]] += _count(logits < own[:, None])
             open_ = (above < kk) | (below < kk)
             start, size = stop, min(max_chunk, size * 2)
         relation_hit[h0:h0 + n] = above < kk
