@@ -14,7 +14,7 @@ whole factored product ``(x W_V)(W_O W_U)`` over the full vocabulary would cost 
 float32 rate (the bound without early stopping). Peak memory: each variant in its own
 subprocess (see ``common.py``).
 
-    .venv/bin/python benchmarks/bench_head_classifier.py             # full run, ~15 minutes
+    .venv/bin/python benchmarks/bench_head_classifier.py             # full run, about 20 minutes
     .venv/bin/python benchmarks/bench_head_classifier.py --relations 3   # the first three only
 """
 
