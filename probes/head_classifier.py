@@ -35,7 +35,7 @@ import torch
 import xarray as xr
 from pydantic import AfterValidator, Field, PositiveInt, StrictInt, field_validator, model_validator
 
-from probescope.errors import Problem
+from probescope.errors import Problem, ProbescopeWarning
 from probescope.plugins import hookimpl
 from probescope.probe import ConfigPath, Parameters, Probe, ProbeRun, block_layers, layer_problems
 from probescope.progress import progress
@@ -56,7 +56,7 @@ DEFAULT_MIN_PAIRS = 30
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
-class RelationCoverageWarning(UserWarning):
+class RelationCoverageWarning(ProbescopeWarning):
     """A relation kept too few single-token pairs for a model and was not scored."""
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from probescope.errors import ConfigError, ProbescopeError, describe_failure
+from probescope.errors import ConfigError, ProbescopeError, ProbescopeWarning, describe_failure
 
 
 def _parse_value(text: str) -> Any:
@@ -127,9 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """``warning: message`` for probescope's own warnings; Python's format for others."""
+    if issubclass(category, ProbescopeWarning):
+        return f"warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    previous, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         return args.func(args)
     except ProbescopeError as exc:
@@ -138,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = previous
 
 
 if __name__ == "__main__":

@@ -72,6 +72,12 @@ class InputError(ProbescopeError):
     """An input cannot be fed to a model (e.g. a prompt longer than the model takes)."""
 
 
+class ProbescopeWarning(UserWarning):
+    """Something the user should know about a result that is still produced (a relation
+    the head classifier could not score, say). The command line prints these as
+    ``warning: ...`` lines."""
+
+
 class RunFailed(ProbescopeError):
     """A run finished but some probes or renderers failed; the others' outputs were written."""
 

@@ -404,3 +404,18 @@ def test_adapters_without_head_weights_or_mlp_are_config_problems():
     assert problem.location == "through_first_mlp" and "set through_first_mlp = false" in problem.message
     assert probe.check(params.model_copy(update={"through_first_mlp": False}), info(NoMLP())) == []
     assert probe.check(params, info(GPT2Adapter())) == []
+
+
+def test_command_line_prints_unscored_relations_as_warning_lines(model_dirs, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "heads.toml"
+    config.write_text(f'[[models]]\nname = "tiny"\npath = "{model_dirs["gpt2"]}"\n\n'
+                      '[[probes]]\nuse = "head_classifier"\nrelations = ["country_to_capital"]\n')
+    done = subprocess.run([sys.executable, "-m", "probescope.cli", "run", str(config)], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "warning: model 'tiny': relation 'country_to_capital' kept " in done.stderr
+    assert "RelationCoverageWarning" not in done.stderr and "runner.py" not in done.stderr
