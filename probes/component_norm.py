@@ -168,6 +168,9 @@ class ComponentNorm(Probe):
             problems += _reference_problems(params.reference, model)
         return problems
 
+    def needs_prompts(self, params: ComponentNormParameters, model: Any) -> bool:
+        return params.statistic in ("activation_norm", "grad_norm")
+
     def reads(self, params: ComponentNormParameters, model: Any) -> list[Read]:
         if params.statistic != "activation_norm":
             return []

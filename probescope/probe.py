@@ -93,6 +93,11 @@ class Probe:
         """The reductions this probe needs from the forward pass (none by default)."""
         return []
 
+    def needs_prompts(self, params: Any, model: "ModelInfo") -> bool:
+        """Whether the run's prompts are needed, so that a config without ``[inputs]`` is
+        an error before anything loads. By default: when the probe reads activations."""
+        return bool(self.reads(params, model))
+
     def build(self, params: Any, run: ProbeRun) -> xr.Dataset:
         """The probe's result for one model. Provenance ``attrs`` are added by the runner."""
         raise NotImplementedError

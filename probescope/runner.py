@@ -106,18 +106,18 @@ def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedMode
 
 
 def _needs_prompts(plan: Plan, info: models_mod.ModelInfo) -> list[Problem]:
-    """A problem when some probe reads activations but the config gives no prompts."""
+    """A problem when some probe needs prompts but the config gives none."""
     readers = []
     for task in plan.probes:
         try:
-            if task.probe.reads(task.params, info):
+            if task.probe.needs_prompts(task.params, info):
                 readers.append(task.name)
         except Exception:  # the probe's own failure is reported when it runs
             continue
     if not readers:
         return []
     return [Problem("inputs", f"required section is missing; it holds prompts = [...], which "
-                              f"{', '.join(map(repr, readers))} read{'s' if len(readers) == 1 else ''} activations of")]
+                              f"{', '.join(map(repr, readers))} need{'s' if len(readers) == 1 else ''}")]
 
 
 def _scoped(entry: str, model: str, problems: Sequence[Problem]) -> list[Problem]:

@@ -287,3 +287,17 @@ def test_two_families_combine_and_draw(gpt2, llama, tokenizer, tmp_path):
     assert isinstance(figure, Figure)
     assert [ax.get_title() for ax in figure.axes if ax.get_title()] == ["gpt2", "llama"]
     assert (tmp_path / "both.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("statistic, needs_prompts", [("weight_norm", False), ("activation_norm", True),
+                                                      ("grad_norm", True)])
+def test_inputs_are_required_only_by_statistics_that_run_the_model(model_dirs, statistic, needs_prompts):
+    config = {"models": [{"name": "tiny", "path": str(model_dirs["gpt2"])}],
+              "probes": [{"use": "component_norm", "statistic": statistic}]}
+    if needs_prompts:
+        with pytest.raises(ConfigError, match=r"inputs: required section is missing; it holds prompts = \[\.\.\.\], "
+                                              r"which 'component_norm' needs"):
+            probescope.run(config, write=False)
+    else:
+        ds = probescope.run(config, write=False)["tiny"]["component_norm"]
+        assert np.isfinite(ds.value.sel(component="attn.q").values).all()
