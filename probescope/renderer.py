@@ -113,6 +113,17 @@ def split_models(
     return out
 
 
+def required_variable(ds: xr.Dataset, name: str, model: str, error: type[Exception], renderer: str,
+                      probe: str) -> xr.DataArray:
+    """``ds[name]``, or ``error`` saying the dataset lacks it and which probe's datasets
+    ``renderer`` draws."""
+    if name not in ds.data_vars:
+        found = ", ".join(map(str, ds.data_vars)) or "none"
+        raise error(f"model {model!r}: the dataset has no {name!r} variable (it has: {found}); is this a "
+                    f"{probe} dataset? {renderer} draws the {probe} probe's datasets")
+    return ds[name]
+
+
 def index_values(ds: xr.Dataset, dim: str) -> list[int]:
     """The integer coordinate of ``dim``, or positions where the dataset has none."""
     if dim in ds.coords:

@@ -56,6 +56,7 @@ from probescope.renderer import (
     coord_text,
     index_values,
     known_colormap,
+    required_variable,
     split_models,
 )
 
@@ -273,13 +274,7 @@ def _panels(datasets: Sequence[xr.Dataset]) -> list[_Panel]:
 
 def _check_dataset(model: str, ds: xr.Dataset) -> list[str]:
     """The dataset's component names, once it is checked against the component_norm schema."""
-    if "value" not in ds.data_vars:
-        found = ", ".join(map(str, ds.data_vars)) or "none"
-        raise ComponentHeatmapError(
-            f"model {model!r}: the dataset has no 'value' variable (it has: {found}); "
-            "component_heatmap draws datasets of the component_norm probe"
-        )
-    value = ds["value"]
+    value = required_variable(ds, "value", model, ComponentHeatmapError, "component_heatmap", "component_norm")
     if set(value.dims) != {"layer", "component"}:
         raise ComponentHeatmapError(
             f"model {model!r}: 'value' has dimensions {tuple(value.dims)}, expected "

@@ -59,7 +59,14 @@ from pydantic import Field, field_validator
 from probescope.errors import PluginError
 from probescope.plugins import hookimpl
 from probescope.probe import Parameters
-from probescope.renderer import Renderer, coerce_parameters, coord_text, index_values, split_models
+from probescope.renderer import (
+    Renderer,
+    coerce_parameters,
+    coord_text,
+    index_values,
+    required_variable,
+    split_models,
+)
 
 #: The flag meaning of heads in no category.
 UNCLASSIFIED = "unclassified"
@@ -248,14 +255,7 @@ class HeadCategoryMapRenderer(Renderer):
 
 
 def _panel(model: str, ds: xr.Dataset, combined: bool) -> _Panel:
-    if "category" not in ds.data_vars:
-        found = ", ".join(map(str, ds.data_vars)) or "none"
-        raise HeadCategoryMapError(
-            f"model {model!r}: the dataset has no 'category' variable (it has: {found}); "
-            "is this a head_classifier dataset? head_category_map draws the head_classifier "
-            "probe's datasets"
-        )
-    category = ds["category"]
+    category = required_variable(ds, "category", model, HeadCategoryMapError, "head_category_map", "head_classifier")
     if set(category.dims) != {"layer", "head"} or category.ndim != 2:
         raise HeadCategoryMapError(
             f"model {model!r}: 'category' has dimensions {tuple(category.dims)}, expected "

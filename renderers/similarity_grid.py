@@ -44,6 +44,7 @@ from probescope.renderer import (
     coord_text,
     index_values,
     known_colormap,
+    required_variable,
     split_models,
 )
 
@@ -278,13 +279,7 @@ def _rows(datasets: Sequence[xr.Dataset], params: SimilarityGridParameters) -> l
 
 
 def _row(model: str, ds: xr.Dataset, prompt: int) -> _Row:
-    if "similarity" not in ds.data_vars:
-        found = ", ".join(map(str, ds.data_vars)) or "none"
-        raise SimilarityGridError(
-            f"model {model!r}: the dataset has no 'similarity' variable (it has: {found}); "
-            "similarity_grid draws datasets of the token_similarity probe"
-        )
-    sim = ds["similarity"]
+    sim = required_variable(ds, "similarity", model, SimilarityGridError, "similarity_grid", "token_similarity")
     needed = ("prompt", "layer", "token", "context_token")
     if set(sim.dims) != set(needed):
         raise SimilarityGridError(
