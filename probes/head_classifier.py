@@ -151,8 +151,7 @@ class HeadClassifier(Probe):
         layout = loaded.layout
         layers = block_layers(params.layers, loaded.info.num_layers)
         relations = params.chosen()
-        W_U = layout.unembedding().matrix()
-        vocabulary = int(W_U.shape[1])
+        vocabulary = int(layout.unembedding().weight.shape[0])  # the output layer's rows
 
         cache: dict[str, int | None] = {}
         tokenized = [tokenize_relation(loaded.tokenizer, r, cache, vocabulary=vocabulary) for r in relations]

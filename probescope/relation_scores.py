@@ -94,7 +94,7 @@ def source_vectors(layout: ModelLayout, tokens: torch.Tensor, layer: int, throug
         return x.to(dtype)
 
 
-def _sources_by_layer(layout: ModelLayout, tokens: torch.Tensor, layers: Sequence[int], through_first_mlp: bool,
+def _sources_by_layer(layout: ModelLayout, tokens: torch.Tensor, through_first_mlp: bool,
                       dtype: torch.dtype) -> Callable[[int], torch.Tensor]:
     cache: dict[bool, torch.Tensor] = {}
 
@@ -226,7 +226,7 @@ def relation_scores(
         return relation, suppression
     device = layout.embedding().weight.device
     distinct, source_row = torch.unique(pairs.source, return_inverse=True)
-    sources = _sources_by_layer(layout, distinct, layers, through_first_mlp, dtype)
+    sources = _sources_by_layer(layout, distinct, through_first_mlp, dtype)
     W_U = layout.unembedding().matrix().detach()
     target, source_row, k = pairs.target.to(device), source_row.to(device), pairs.k.to(device)[pairs.relation.to(device)]
     with torch.no_grad():
