@@ -179,6 +179,9 @@ def _read_csv(path: Path, text: str, origin: str) -> list[Relation]:
 def read_relation_file(path: str | Path) -> list[Relation]:
     """The relations in one CSV or JSON file.
 
+    A file is parsed once while it is unchanged: the config check, the check of the
+    relation names across files and each model's run all ask for it.
+
     :raises RelationFileError: the file is missing, unreadable, empty, lacks a column or
         key, holds a relation without pairs, or names one relation twice.
     """
@@ -188,6 +191,15 @@ def read_relation_file(path: str | Path) -> list[Relation]:
         raise RelationFileError(f"{path}: relation files must end in .csv or .json")
     if not path.is_file():
         raise RelationFileError(f"{path}: no such file")
+    stat = path.stat()
+    return list(_parse_file(str(path), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_file(name: str, mtime_ns: int, size: int) -> tuple[Relation, ...]:
+    """The relations of file ``name`` as it is at (``mtime_ns``, ``size``); errors are not cached."""
+    path = Path(name)
+    suffix = path.suffix.lower()
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
@@ -196,7 +208,7 @@ def read_relation_file(path: str | Path) -> list[Relation]:
         raise RelationFileError(f"{path}: is empty")
     relations = (_read_json if suffix == ".json" else _read_csv)(path, text, str(path))
     _no_duplicates(relations)
-    return relations
+    return tuple(relations)
 
 
 def _no_duplicates(relations: Iterable[Relation]) -> None:
