@@ -98,20 +98,29 @@ def run_batch(envoy: Any, steps: list[Step], batch: Batch) -> tuple[dict, dict]:
 def wrapped(model: torch.nn.Module) -> Iterator[Any]:
     """The nnsight view of ``model`` for the duration of a block.
 
-    nnsight installs a controller ``forward`` (and its state) in each module's
-    ``__dict__``, and leaves them there. On leaving the block every attribute it added is
-    removed and any ``forward`` it replaced is put back, so a model the user handed in
-    comes back exactly as it was: a later bare forward pays nothing for having been probed.
+    nnsight installs a controller ``forward`` (and its state, under ``__nnsight...``
+    keys) in each module's ``__dict__``, and leaves them there. On leaving the block
+    those are removed and any ``forward`` it replaced is put back, so a model the user
+    handed in comes back exactly as it was: a later bare forward pays nothing for having
+    been probed. Attributes the model set on itself during the pass stay: transformers
+    marks a module ``_output_capturing_hooks_installed`` when it registers hooks that
+    stay registered, and deleting the mark would install them twice.
     """
     before = {module: dict(module.__dict__) for module in model.modules()}
     try:
         yield nnsight.NNsight(model)
     finally:
         for module, attrs in before.items():
-            for key in set(module.__dict__) - set(attrs):
+            for key in [k for k in module.__dict__ if _added_by_nnsight(k) and k not in attrs]:
                 del module.__dict__[key]
             if "forward" in attrs and module.__dict__.get("forward") is not attrs["forward"]:
                 module.__dict__["forward"] = attrs["forward"]
+
+
+def _added_by_nnsight(key: str) -> bool:
+    """Whether a module ``__dict__`` key is one nnsight installs: its controller
+    ``forward`` and its per-module state (``__nnsight__`` and kin)."""
+    return key == "forward" or key.startswith("__nnsight")
 
 
 def gather(per_batch: list[dict[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
