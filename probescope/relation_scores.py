@@ -13,9 +13,8 @@ Biases and layer norms are left out, as in MAPS.
 project, then ``topk``. :func:`relation_scores` gives the same numbers much faster:
 
 1. **Counting instead of sorting.** The target is in the top ``k`` exactly when fewer
-   than ``k`` tokens score higher than it (ties with the target count in its favour,
-   where ``topk`` would break them arbitrarily; in float64 they do not occur). So no
-   ``topk`` over the vocabulary: compare each logit with the target's, once.
+   than ``k`` other tokens score at least as high as it. So no ``topk`` over the
+   vocabulary: compare each logit with the target's, once.
 2. **Stopping early.** The vocabulary is read in chunks. A pair is decided as soon as
    ``k`` tokens beat its target (for the relation score) and ``k`` tokens fall below it
    (for suppression). A pair whose target sits at a random rank is decided after about
@@ -27,6 +26,14 @@ project, then ``topk``. :func:`relation_scores` gives the same numbers much fast
    one matrix product for all heads. Each chunk takes whichever needs fewer operations.
 4. **Sharing.** Sources common to several relations are projected once; with
    grouped-query attention, ``x W_V`` once per key/value head.
+
+**Ties count against the target.** A head must *separate* the target from the rest of
+the vocabulary to score: a token whose logit equals the target's (within the rounding
+error of the arithmetic, :func:`tie_tolerance`) counts as beating it, for the relation
+score and the suppression score alike. ``topk`` would break such ties arbitrarily, and
+counting them in the target's favour would give a head whose output is the same for
+every token (a pruned head, ``W_O = 0``) a score of 1.0 for every relation; under this
+rule it scores 0.
 
 Memory stays bounded: heads are processed in groups and the vocabulary in chunks, so the
 largest intermediate is about ``budget_bytes``, whatever the model's size.
@@ -107,6 +114,22 @@ def _sources_by_layer(layout: ModelLayout, tokens: torch.Tensor, through_first_m
     return get
 
 
+def tie_tolerance(y_norm: torch.Tensor, w_o_norm: torch.Tensor, u_norm_max: float, width: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """How close two logits of one head and source may be and still count as tied.
+
+    A logit ``y W_O u`` is computed in either order, ``(y W_O) u`` or ``y (W_O u)``; its
+    rounding error is at most a few ``eps * sqrt(width)`` times ``|y| |W_O| |u|`` (Frobenius
+    norm of the head's ``W_O``, the longest unembedding column). Differences below that
+    say nothing about the head, so they are ties. In float64 this is about 1e-14 of the
+    logits' scale; it is exactly 0 for a head with ``W_O = 0``.
+
+    :param y_norm: norms of ``x W_V`` for the pairs; :param w_o_norm: matching ``|W_O|``.
+    """
+    eps = torch.finfo(dtype).eps
+    return (8 * eps * width ** 0.5 * u_norm_max) * y_norm * w_o_norm
+
+
 def _count(mask: torch.Tensor) -> torch.Tensor:
     """True entries per row of a ``(rows, columns)`` bool tensor, as int64. Summing the
     bytes as int32 is about 1.6x faster on a CPU than ``sum`` or ``count_nonzero``, which
@@ -138,6 +161,7 @@ def _layer_hits(x: torch.Tensor, source_row: torch.Tensor, target: torch.Tensor,
     unique_kv = torch.unique(kv_head)
     W_V_kv = {int(g): W_V[int((kv_head == g).nonzero()[0])].to(dtype) for g in unique_kv}
     U_target = W_U[:, target].to(dtype).t()  # (P, d)
+    u_norm_max = float(W_U.to(dtype).norm(dim=0).max())
     flops = 0
 
     for h0 in range(0, H, group):
@@ -150,6 +174,8 @@ def _layer_hits(x: torch.Tensor, source_row: torch.Tensor, target: torch.Tensor,
         Z = torch.bmm(Y, W_O_g)  # (n, S, d)
         # Each pair's target logit, x W_V (W_O u_target): (n, P)
         t = (Y[:, source_row] * torch.matmul(U_target, W_O_g.transpose(1, 2))).sum(-1)
+        tol = tie_tolerance(Y.norm(dim=-1)[:, source_row], W_O_g.flatten(1).norm(dim=1)[:, None], u_norm_max, d,
+                            dtype)  # (n, P)
         flops += 2 * (len(xv) * S * d * hd + n * S * hd * d + n * P * d * hd + n * P * hd)
         above = torch.zeros(n, P, dtype=torch.long, device=device)
         below = torch.zeros(n, P, dtype=torch.long, device=device)
@@ -181,12 +207,14 @@ def _layer_hits(x: torch.Tensor, source_row: torch.Tensor, target: torch.Tensor,
             else:
                 logits = Z[rows[:, 0], source_row[rows[:, 1]]] @ U  # (N, c)
             own = t[rows[:, 0], rows[:, 1]]
-            # The target's own logit, computed in another order, must not count against it.
+            slack = tol[rows[:, 0], rows[:, 1]]
+            # The target's own column is not a rival: NaN compares false both ways.
             tgt = target[rows[:, 1]]
             inside = (tgt >= start) & (tgt < stop)
-            logits[inside.nonzero().squeeze(1), (tgt[inside] - start)] = own[inside]
-            above[rows[:, 0], rows[:, 1]] += _count(logits > own[:, None])
-            below[rows[:, 0], rows[:, 1]] += _count(logits < own[:, None])
+            logits[inside.nonzero().squeeze(1), (tgt[inside] - start)] = float("nan")
+            # Ties (within rounding) count against the target, for both scores.
+            above[rows[:, 0], rows[:, 1]] += _count(logits >= (own - slack)[:, None])
+            below[rows[:, 0], rows[:, 1]] += _count(logits <= (own + slack)[:, None])
             open_ = (above < kk) | (below < kk)
             start, size = stop, min(max_chunk, size * 2)
         relation_hit[h0:h0 + n] = above < kk
@@ -245,13 +273,17 @@ def reference_scores(
     layers: Sequence[int] | None = None, through_first_mlp: bool = True, dtype: torch.dtype = torch.float64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The definition, plainly: for each relation, for each head, project every source
-    through ``W_V^h W_O^h`` and ``W_U``, take the ``topk`` and look for the target.
-    Slow; kept to check :func:`relation_scores` against."""
+    through ``W_V^h W_O^h`` and ``W_U`` and count the other tokens scoring at least as
+    high as the target (at most as high, for suppression), ties within
+    :func:`tie_tolerance` included; a hit is fewer than ``k``. That is: the target is in
+    the ``topk`` however ties are broken. Slow; kept to check :func:`relation_scores`
+    against."""
     layers = list(range(layout.num_layers)) if layers is None else list(layers)
     H = layout.attention_shape.n_heads
     relation = np.full((len(layers), H, len(relations)), np.nan)
     suppression = np.full_like(relation, np.nan)
     W_U = layout.unembedding().matrix().detach().to(dtype)
+    u_norm_max = float(W_U.norm(dim=0).max())
     with torch.no_grad():
         for r, (source, target, k) in enumerate(relations):
             target = target.to(W_U.device)
@@ -259,9 +291,14 @@ def reference_scores(
                 x = source_vectors(layout, source, layer, through_first_mlp, dtype)
                 w = layout.heads(layer)
                 for h in range(H):
-                    projected = x @ (w.W_V[h].to(dtype) @ w.W_O[h].to(dtype)) @ W_U
-                    top = torch.topk(projected, k, dim=-1).indices
-                    bottom = torch.topk(-projected, k, dim=-1).indices
-                    relation[i, h, r] = (top == target[:, None]).any(-1).double().mean().item()
-                    suppression[i, h, r] = (bottom == target[:, None]).any(-1).double().mean().item()
+                    y = x @ w.W_V[h].to(dtype)
+                    W_O = w.W_O[h].to(dtype)
+                    projected = y @ W_O @ W_U  # (pairs, vocabulary)
+                    own = projected.gather(1, target[:, None])
+                    tol = tie_tolerance(y.norm(dim=-1), W_O.norm(), u_norm_max, W_U.shape[0], dtype)[:, None]
+                    others = torch.ones_like(projected, dtype=torch.bool).scatter_(1, target[:, None], False)
+                    above = ((projected >= own - tol) & others).sum(-1)
+                    below = ((projected <= own + tol) & others).sum(-1)
+                    relation[i, h, r] = (above < k).double().mean().item()
+                    suppression[i, h, r] = (below < k).double().mean().item()
     return relation, suppression

@@ -419,3 +419,66 @@ def test_command_line_prints_unscored_relations_as_warning_lines(model_dirs, tmp
     assert done.returncode == 0, done.stderr
     assert "warning: model 'tiny': relation 'country_to_capital' kept " in done.stderr
     assert "RelationCoverageWarning" not in done.stderr and "runner.py" not in done.stderr
+
+
+# -- heads that do not separate the target from the rest of the vocabulary ----------------------------
+
+
+def degenerate_heads(family, tokenizer):
+    """A random model of ``family`` with two degenerate heads: (1, 1) has ``W_O = 0`` (a
+    pruned head), (2, 2) writes only along a direction in which every token's unembedding
+    is the same, so its logits are equal for every token (and not zero)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS,
+                                           n_positions=32, bos_token_id=0, eos_token_id=0)).eval()
+        unembedding = model.lm_head.weight  # tied to wte
+
+        def set_W_O(layer, head, W_O):  # Conv1D: (in, out)
+            model.transformer.h[layer].attn.c_proj.weight[head * HEAD_DIM:(head + 1) * HEAD_DIM, :] = W_O
+    else:  # grouped-query: 4 query heads on 2 key/value heads
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=32,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
+        unembedding = model.lm_head.weight
+
+        def set_W_O(layer, head, W_O):  # nn.Linear: (out, in)
+            model.model.layers[layer].self_attn.o_proj.weight[:, head * HEAD_DIM:(head + 1) * HEAD_DIM] = W_O.t()
+    with torch.no_grad():
+        unembedding[:, 0] = 0.5  # every token agrees along dimension 0
+        set_W_O(1, 1, torch.zeros(HEAD_DIM, WIDTH))
+        constant = torch.zeros(HEAD_DIM, WIDTH)
+        constant[:, 0] = torch.randn(HEAD_DIM)  # output (x W_V . c) e_0: the same logit for every token
+        set_W_O(2, 2, constant)
+    return model
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_zero_and_constant_heads_do_not_score(family, precision, words, tmp_path):
+    model = degenerate_heads(family, words)
+    ds = classify(model, words, tmp_path, precision=precision, threshold=0.01)
+    for layer, head in ((1, 1), (2, 2)):
+        for score in ("relation_score", "suppression_score"):
+            values = ds[score].sel(layer=layer, head=head).values
+            np.testing.assert_array_equal(values, 0.0, err_msg=f"{score} of degenerate head ({layer}, {head})")
+        assert ds.category.sel(layer=layer, head=head) == 0
+        assert not ds.in_category.sel(layer=layer, head=head).any()
+    # the direct definition agrees: no other token may tie with the target
+    from probescope.architectures.layout import ModelLayout
+    from probescope.models import find_adapter
+    from probescope.plugins.manager import load_registry
+
+    adapter = find_adapter(model.config, load_registry())
+    layout = ModelLayout(model, adapter, adapter.blocks(model))
+    ids = words.convert_tokens_to_ids
+    relations = [(torch.tensor([ids(s) for s, _ in p]), torch.tensor([ids(t) for _, t in p]), 10)
+                 for _, _, p in RELATIONS]
+    want = reference_scores(layout, relations)
+    got = relation_scores(layout, PairSet.of(relations), dtype=torch.float64)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert (want[0][[1, 2], [1, 2]] == 0).all() and (want[1][[1, 2], [1, 2]] == 0).all()
