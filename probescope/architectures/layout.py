@@ -14,6 +14,13 @@ without knowing module paths or storage conventions:
 
 Weights come back as views of the model's parameters where the layout allows (no copy);
 treat them as read-only.
+
+Where tensors come from is one of two hooks, :meth:`ModelLayout.tensor` and
+:meth:`ModelLayout.runnable`; everything else (orientation, slicing of fused modules,
+head splitting, tying) is shared by every source. :class:`ModelLayout` reads a loaded
+model; :class:`~probescope.architectures.streamed.StreamedLayout` reads the same
+structure off a skeleton on the meta device and the values off the checkpoint's
+safetensors files, one layer at a time.
 """
 
 from __future__ import annotations
@@ -166,6 +173,26 @@ class ModelLayout:
         self.parallel = adapter.parallel(self.config)
         self.body = blocks.rpartition(".")[0]  # the module holding the blocks
 
+    # -- where values come from (overridden by layouts that do not hold the model) --------
+
+    def tensor(self, path: str, module: torch.nn.Module, name: str) -> torch.Tensor | None:
+        """The value of parameter ``name`` (``weight``, ``bias``) of ``module``, which
+        sits at dotted ``path`` in :attr:`model`; None when the module has none."""
+        return getattr(module, name, None)
+
+    def runnable(self, path: str, skip: tuple[str, ...] = ()) -> torch.nn.Module:
+        """The module at ``path`` ready to run. Submodules under the paths in ``skip``
+        (relative to it) will not be run, so a layout that has to materialise the
+        module may leave them out."""
+        return self.model.get_submodule(path)
+
+    def _path(self, module: torch.nn.Module) -> str:
+        """Dotted path of ``module`` in :attr:`model`."""
+        paths = self.__dict__.setdefault("_paths", {})
+        if not paths:
+            paths.update({id(m): name for name, m in self.model.named_modules(remove_duplicate=False)})
+        return paths[id(module)]
+
     # -- components --------------------------------------------------------------------
 
     def _check_layer(self, layer: int) -> None:
@@ -201,7 +228,7 @@ class ModelLayout:
         module = self.module(layer, name)
         if module is None:
             return None
-        weight = getattr(module, "weight", None)
+        weight = self.tensor(self._component_path(layer, name), module, "weight")
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise SiteError(
                 f"architecture {self.adapter.name!r}: module for {name!r} in block {layer} "
@@ -212,18 +239,27 @@ class ModelLayout:
     def bias(self, layer: int, name: str) -> torch.Tensor | None:
         """Component ``name``'s bias in block ``layer``, or None (no bias or no component)."""
         module = self.module(layer, name)
-        bias = getattr(module, "bias", None) if module is not None else None
+        bias = self.tensor(self._component_path(layer, name), module, "bias") if module is not None else None
         if bias is None:
             return None
         return self.components[name].take(bias, dim=0)
+
+    def _component_path(self, layer: int, name: str) -> str:
+        return f"{self.blocks}.{layer}.{self.components[name].module}"
 
     def mlp_output(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """What block ``layer``'s MLP writes into a residual stream holding ``x``
         ``(..., d_model)``, its attention left out (see
         :meth:`~probescope.architectures.base.ArchitectureAdapter.mlp_output`)."""
         self._check_layer(layer)
-        block = self.model.get_submodule(f"{self.blocks}.{layer}")
+        block = self.runnable(f"{self.blocks}.{layer}", skip=self._attention_modules())
         return self.adapter.mlp_output(block, x, self.config)
+
+    def _attention_modules(self) -> tuple[str, ...]:
+        """Paths in a block of the modules that hold the attention components (their
+        parent, ``self_attn``, where they have one): what an MLP never runs."""
+        paths = [self.components[c].module for c in self.components if c.startswith("attn.")]
+        return tuple(dict.fromkeys(p.rpartition(".")[0] or p for p in paths))
 
     # -- heads -------------------------------------------------------------------------
 
@@ -269,24 +305,38 @@ class ModelLayout:
 
     # -- ends of the residual stream -----------------------------------------------------
 
-    def _body_module(self, path: str | None) -> torch.nn.Module | None:
+    def _body_path(self, path: str | None) -> str | None:
+        """The dotted path of a module given relative to the module holding the blocks,
+        or None when the model has no module there."""
         if path is None:
             return None
-        return get_submodule(self.model, f"{self.body}.{path}" if self.body else path)
+        full = f"{self.body}.{path}" if self.body else path
+        return full if get_submodule(self.model, full) is not None else None
+
+    def _projection(self, path: str | None) -> torch.Tensor | None:
+        """An ``(out, in)`` projection's weight (OPT-350m's ``project_in``/``project_out``)."""
+        full = self._body_path(path)
+        if full is None:
+            return None
+        module = self.model.get_submodule(full)
+        return out_by_in(module, self.tensor(full, module, "weight"))
 
     def final_norm(self) -> torch.nn.Module | None:
         """The norm applied to the residual stream after the last block, or None where
         the family (or this model, e.g. post-norm OPT-350m) has none."""
-        return self._body_module(self.adapter.final_norm_path)
+        path = self._body_path(self.adapter.final_norm_path)
+        return None if path is None else self.runnable(path)
+
+    def _embedding_weight(self) -> torch.Tensor:
+        module = self.model.get_input_embeddings()
+        return self.tensor(self._path(module), module, "weight")
 
     def embedding(self) -> Embedding:
         """The token embedding (see :class:`Embedding`)."""
-        module = self.model.get_input_embeddings()
-        project = self._body_module(self.adapter.project_in_path)
         return Embedding(
-            weight=module.weight,
+            weight=self._embedding_weight(),
             scale=self.adapter.embedding_scale(self.config),
-            project=None if project is None else out_by_in(project, project.weight),
+            project=self._projection(self.adapter.project_in_path),
         )
 
     def unembedding(self) -> Unembedding:
@@ -300,14 +350,14 @@ class ModelLayout:
                 f"{type(self.model).__name__} has no output layer; load the model with its "
                 "language-modelling head (a *ForCausalLM class)"
             )
-        project = self._body_module(self.adapter.project_out_path)
-        embedding = self.model.get_input_embeddings().weight
+        path = self._path(module)
+        weight = self.tensor(path, module, "weight")
         softcap = getattr(self.config, "final_logit_softcapping", None)
         return Unembedding(
-            weight=module.weight,
-            bias=getattr(module, "bias", None),
-            project=None if project is None else out_by_in(project, project.weight),
-            tied=_same_tensor(module.weight, embedding),
+            weight=weight,
+            bias=self.tensor(path, module, "bias"),
+            project=self._projection(self.adapter.project_out_path),
+            tied=_same_tensor(weight, self._embedding_weight()),
             softcap=float(softcap) if softcap else None,
         )
 
