@@ -12,9 +12,8 @@ Plugins implement the hooks in :mod:`probescope.plugins.hookspecs` with
 :class:`ArchitectureAdapter`.
 """
 
-__version__ = "0.1.0"
-
-from probescope.plugins.hookspecs import hookimpl  # noqa: E402  (plugins import __version__ lazily)
+from probescope.version import __version__
+from probescope.plugins.hookspecs import hookimpl
 from probescope.architectures.base import (  # noqa: E402
     COMPONENTS, ArchitectureAdapter, Component, Features, Site, SiteRef, component, embed, resid,
 )

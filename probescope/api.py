@@ -65,7 +65,7 @@ def render(
     :returns: the matplotlib Figure.
     """
     from probescope.errors import ConfigError, PluginError, Problem
-    from probescope.renderer import figure_format_problem
+    from probescope.formats import figure_format_problem
 
     bad_output = figure_format_problem(output) if output is not None else None
     if bad_output:

@@ -102,7 +102,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from probescope import __version__
+    from probescope.version import __version__
 
     parser = argparse.ArgumentParser(prog="probescope", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"probescope {__version__}")

@@ -22,7 +22,8 @@ from typing import Any, Literal, Mapping, Sequence
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from probescope.errors import ConfigError, PluginError, Problem
-from probescope.renderer import figure_format_problem
+from probescope.formats import figure_format_problem
+from probescope.params import validation_context
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -275,11 +276,10 @@ def parameter_problems(
     plugin: Any, values: Mapping[str, Any], prefix: Sequence[Any], base_dir: Path | None = None,
 ) -> tuple[Any, list[Problem]]:
     """A plugin's validated parameters and the problems found. File paths among them
-    (:data:`probescope.probe.ConfigPath`) are taken relative to ``base_dir``, the config
+    (:data:`probescope.ConfigPath`) are taken relative to ``base_dir``, the config
     file's folder."""
-    context = {"base_dir": base_dir if base_dir is not None else Path.cwd()}
     try:
-        return plugin.Parameters.model_validate(dict(values), context=context), []
+        return plugin.Parameters.model_validate(dict(values), context=validation_context(base_dir)), []
     except ValidationError as exc:
         problems = _problems(exc, prefix)
         accepted = ", ".join(plugin.Parameters.model_fields) or "no parameters"

@@ -20,7 +20,6 @@ from probescope.errors import ModelLoadError, UnsupportedArchitectureError
 if TYPE_CHECKING:
     from probescope.architectures.layout import ModelLayout
     from probescope.config import ModelEntry
-    from probescope.plugins.manager import Registry
 
 DTYPES = {
     "float32": torch.float32,
@@ -79,10 +78,14 @@ class LoadedModel:
 
 
 def find_adapter(
-    config: Any, registry: "Registry", *, architecture: str | None = None, blocks: str | None = None
+    config: Any, registry: Any, *, architecture: str | None = None, blocks: str | None = None
 ) -> ArchitectureAdapter:
     """The adapter for a model: the one named, else the one whose ``model_types`` match,
-    else a residual-stream-only adapter when the user named the block list."""
+    else a residual-stream-only adapter when the user named the block list.
+
+    :param registry: the plugin registry (:class:`probescope.plugins.manager.Registry`),
+        not imported here: the registry's contract imports this module's ``ModelInfo``.
+    """
     if architecture is not None:
         return registry.get("architecture", architecture)
     for adapter in registry.all("architecture"):
@@ -122,7 +125,7 @@ def read_config(entry: "ModelEntry") -> Any:
         raise ModelLoadError(f"model {entry.name!r}: cannot read the config of {source!r}: {exc}") from exc
 
 
-def inspect(entry: "ModelEntry", registry: "Registry") -> ModelInfo:
+def inspect(entry: "ModelEntry", registry: Any) -> ModelInfo:
     """Read a model's config (no weights) and find its adapter."""
     source = _source(entry)
     config = read_config(entry)
@@ -139,7 +142,7 @@ def inspect(entry: "ModelEntry", registry: "Registry") -> ModelInfo:
     )
 
 
-def check_layout(entry: "ModelEntry", info: ModelInfo, registry: "Registry") -> None:
+def check_layout(entry: "ModelEntry", info: ModelInfo, registry: Any) -> None:
     """Build the model's skeleton on the meta device (no memory, no weights) and check
     that its adapter finds the block list, so a wrong ``architecture`` or ``blocks``
     is caught before any weights load."""
@@ -218,7 +221,7 @@ def load(entry: "ModelEntry", info: ModelInfo, tokenizer: Any) -> LoadedModel:
 
 
 def from_objects(
-    name: str, model: torch.nn.Module, tokenizer: Any, registry: "Registry", *,
+    name: str, model: torch.nn.Module, tokenizer: Any, registry: Any, *,
     architecture: str | None = None, blocks: str | None = None,
 ) -> LoadedModel:
     """Wrap a model the caller already built (Python API)."""

@@ -10,36 +10,19 @@ reads and reads the weights in :meth:`Probe.build`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 import xarray as xr
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
 
 from probescope.architectures.base import SiteRef
 from probescope.errors import Problem
 from probescope.inputs import Batch, Prompt
+from probescope.params import ConfigPath, Parameters  # noqa: F401  (Parameters is the schema's base)
 
 if TYPE_CHECKING:
     from probescope.models import LoadedModel, ModelInfo
 
-
-class Parameters(BaseModel):
-    """Base of every plugin's parameter schema: unknown keys are errors, not ignored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _relative_to_config(path: Path, info: ValidationInfo) -> Path:
-    base = (info.context or {}).get("base_dir")
-    path = path.expanduser()
-    return path if path.is_absolute() or base is None else Path(base) / path
-
-
-#: A file or folder named in a plugin's parameters: relative paths are taken from the
-#: folder of the config file (from the working directory for configs given as dicts).
-ConfigPath = Annotated[Path, AfterValidator(_relative_to_config)]
 
 Reduction = Callable[[torch.Tensor, Batch], torch.Tensor]
 

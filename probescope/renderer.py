@@ -6,24 +6,13 @@ after the model is gone (``probescope render``).
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence, TypeVar
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from probescope.probe import Parameters
-
-FIGURE_FORMATS = (".png", ".pdf", ".svg")
-
-
-def figure_format_problem(output: str | Path) -> str | None:
-    """Why ``output`` cannot be a figure file, or None when its extension is one we write."""
-    if Path(output).suffix.lower() in FIGURE_FORMATS:
-        return None
-    return f"figure file {str(output)!r} must end in one of {', '.join(FIGURE_FORMATS)}"
-
+from probescope.params import Parameters, coerce_parameters  # noqa: F401  (renderers coerce with it)
 
 class Renderer:
     """Base class for renderers. Register instances through ``register_renderers``.
@@ -57,23 +46,6 @@ class Renderer:
 
 # --------------------------------------------------------------------------------------
 # Helpers every renderer needs to read its datasets the same way.
-
-P = TypeVar("P", bound=Parameters)
-
-
-def coerce_parameters(schema: type[P], params: Any) -> P:
-    """``params`` as ``schema``: None gives the defaults, a mapping is validated, another
-    plugin's :class:`Parameters` is re-validated field by field."""
-    if params is None:
-        return schema()
-    if isinstance(params, schema):
-        return params
-    if isinstance(params, Mapping):
-        return schema(**params)
-    if isinstance(params, Parameters):
-        return schema(**params.model_dump())
-    raise TypeError(f"params must be {schema.__name__} or a mapping, not {type(params).__name__}")
-
 
 def known_colormap(name: str, advice: str) -> str:
     """``name`` when matplotlib has a colour map of that name; otherwise a ValueError

@@ -17,13 +17,12 @@ from typing import Any, Iterator, Mapping
 
 import xarray as xr
 
-RESULT_SUFFIX = ".nc"
+from probescope.formats import RESULT_SUFFIX
+from probescope.version import __version__
 
 
 def provenance(*, probe: Any, params: Any, model_info: Any, entry_name: str) -> dict[str, str]:
     """The ``attrs`` every dataset carries: what produced it, from what, when."""
-    from probescope import __version__
-
     return {
         "probe": probe.name,
         "probe_entry": entry_name,
