@@ -90,8 +90,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from probescope.plugins.manager import load_registry
 
     folder = Path(args.output).resolve()
-    print(f"building the demo models under {folder / 'models'}")
-    config_path = demo.write_demo(folder)
+    config_path = demo.write_demo(folder, tiny=args.tiny)
     registry = load_registry()
     plan = config_mod.load_plan(config_path, registry)
     outcome = runner.execute(plan, registry)
@@ -122,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list probes, renderers and architectures with their origin")
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("demo", help="run the offline demo on two small built-in models")
+    p = sub.add_parser("demo", help="probe a trained SmolLM2-135M and its random-weight twin, offline")
     p.add_argument("--output", "-o", default="probescope-demo", help="folder to write to (default: %(default)s)")
+    p.add_argument("--tiny", action="store_true",
+                   help="two small random GPT-2-shaped models instead (fast; needs no model package)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -154,7 +154,7 @@ def test_unsupported_architecture_needs_the_block_list(tokenizer, tmp_path, writ
 
 
 def test_demo_runs_offline(tmp_path, capsys):
-    assert main(["demo", "-o", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--tiny", "-o", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     results = tmp_path / "demo" / "results"
     for name in ("small", "medium"):
