@@ -30,6 +30,7 @@ from pydantic import Field, StrictInt, field_validator, model_validator
 
 from probescope.architectures.base import COMPONENTS, component
 from probescope.architectures.layout import ModelLayout
+from probescope.architectures.streamed import streamed_layout
 from probescope.errors import ModelLoadError, Problem, ProbescopeError
 from probescope.inputs import Batch
 from probescope.models import is_model_folder, load_weights, read_config
@@ -275,9 +276,7 @@ def _reference_problems(reference: ReferenceCheckpoint, model: Any) -> list[Prob
 
 def _relative_update(params, run: ProbeRun, layout: ModelLayout, layers, names) -> np.ndarray:
     info = run.model.info
-    reference = load_weights(params.reference.entry(dtype=info.dtype if info.dtype != "auto" else "float32",
-                                                    device=str(run.model.device)))
-    ref = ModelLayout(reference, info.adapter, info.adapter.blocks(reference))
+    ref = _reference_layout(params.reference, info, str(run.model.device))
     values = np.full((len(layers), len(names)), np.nan)
     for li, layer in enumerate(progress(layers, desc=f"{info.name}: weight changes")):
         for ci, name in enumerate(names):
@@ -291,6 +290,21 @@ def _relative_update(params, run: ProbeRun, layout: ModelLayout, layers, names) 
             base = base.to(torch.float32)
             values[li, ci] = matrix_norm(weight.to(torch.float32) - base, params.norm) / matrix_norm(base, params.norm)
     return values
+
+
+def _reference_layout(reference: ReferenceCheckpoint, info: Any, device: str) -> ModelLayout:
+    """The reference checkpoint's weights, streamed one layer at a time from its
+    safetensors files in their own dtype (the norms are taken in float32); a reference
+    with only pickled weights, which the user allowed, is loaded whole instead."""
+    entry = reference.entry(dtype="auto", device=device)
+    config = read_config(entry)
+    try:
+        return streamed_layout(entry, config, info.adapter)
+    except ModelLoadError:
+        if reference.use_safetensors:
+            raise
+    model = load_weights(entry)
+    return ModelLayout(model, info.adapter, info.adapter.blocks(model))
 
 
 def _grad_norms(params, run: ProbeRun, layout: ModelLayout, layers, names) -> tuple[np.ndarray, float, int]:

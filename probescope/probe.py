@@ -81,6 +81,14 @@ class Probe:
         an error before anything loads. By default: when the probe reads activations."""
         return bool(self.reads(params, model))
 
+    def weights_only(self, params: Any, model: "ModelInfo") -> bool:
+        """Whether :meth:`build` reads nothing but weights, through ``run.model.layout``.
+        When every probe on a model says so, the model is not loaded: its layout streams
+        tensors from the checkpoint's safetensors files one layer at a time, and
+        ``run.model.model`` is unavailable. By default: the probe reads no activations and
+        needs no prompts. Return False when :meth:`build` needs the model object itself."""
+        return not self.reads(params, model) and not self.needs_prompts(params, model)
+
     def build(self, params: Any, run: ProbeRun) -> xr.Dataset:
         """The probe's result for one model. Provenance ``attrs`` are added by the runner."""
         raise NotImplementedError

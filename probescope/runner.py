@@ -18,6 +18,7 @@ from probescope import models as models_mod
 from probescope import results, trace
 from probescope.config import Plan, ProbeTask
 from probescope.errors import ConfigError, InputError, ModelLoadError, Problem, ProbescopeError, RunFailed
+from probescope.architectures.streamed import StreamedModel
 from probescope.probe import ProbeRun
 from probescope.progress import progress
 
@@ -184,10 +185,35 @@ def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list, outco
     return per_owner
 
 
+def _weights_only(tasks: Sequence[ProbeTask], info: models_mod.ModelInfo) -> bool:
+    """Whether every probe on this model reads only weights (a probe that cannot say
+    counts as reading more: it fails later, on a loaded model, with its own error)."""
+    try:
+        return all(task.probe.weights_only(task.params, info) for task in tasks)
+    except Exception:
+        return False
+
+
+def open_model(plan: Plan, prepared: Prepared) -> models_mod.LoadedModel | StreamedModel:
+    """The model for a run: given in memory; streamed from its safetensors files when every
+    probe reads only weights (the model is never built); else loaded whole."""
+    if prepared.loaded is not None:
+        return prepared.loaded
+    entry = prepared.entry
+    if plan.probes and _weights_only(plan.probes, prepared.info):
+        try:
+            return StreamedModel.of(entry, prepared.info, prepared.tokenizer)
+        except ModelLoadError:
+            if entry.use_safetensors:
+                raise
+            # pickled weights the user allowed: no safetensors to stream, load them whole
+    return models_mod.load(entry, prepared.info, prepared.tokenizer)
+
+
 def run_model(plan: Plan, prepared: Prepared, registry: Any, outcome: Outcome, write: bool) -> None:
     """Every probe on one model: one trace per batch, then each probe's dataset."""
     name = prepared.info.name
-    loaded = prepared.loaded or models_mod.load(prepared.entry, prepared.info, prepared.tokenizer)
+    loaded = open_model(plan, prepared)
     batches = inputs_mod.batches(prepared.prompts, plan.batch_size,
                                  pad_id=inputs_mod.pad_id_of(prepared.tokenizer), device=loaded.device)
     reads = _probe_reads(plan.probes, prepared.info, outcome)

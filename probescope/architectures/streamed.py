@@ -161,6 +161,22 @@ class StreamedLayout(ModelLayout):
         return module.eval()
 
 
+def checkpoint_of(entry: Any) -> Checkpoint:
+    """The safetensors checkpoint of a model entry (a local folder or a hub id)."""
+    if entry.path is not None:
+        return Checkpoint.local(entry.path)
+    return Checkpoint.hub(str(entry.hub), entry.revision)
+
+
+def streamed_layout(entry: Any, config: Any, adapter: ArchitectureAdapter) -> StreamedLayout:
+    """A model entry's weights, streamed in the entry's dtype (``auto``: the checkpoint's)
+    onto its device."""
+    from probescope.models import DTYPES
+
+    return StreamedLayout(checkpoint_of(entry), config, adapter, dtype=DTYPES.get(entry.dtype),
+                          device=entry.device, trust_remote_code=entry.trust_remote_code)
+
+
 @dataclass
 class StreamedModel:
     """A model whose probes read only weights: its layout streams them from the checkpoint,
@@ -170,6 +186,15 @@ class StreamedModel:
     info: Any  # ModelInfo
     tokenizer: Any
     layout: StreamedLayout
+
+    @classmethod
+    def of(cls, entry: Any, info: Any, tokenizer: Any) -> "StreamedModel":
+        """Stream a model entry that :func:`~probescope.models.inspect` accepted; with
+        dtype ``auto`` the info records the checkpoint's dtype."""
+        layout = streamed_layout(entry, info.config, info.adapter)
+        if entry.dtype == "auto":
+            info.dtype = str(layout.stored_dtype()).removeprefix("torch.")
+        return cls(info, tokenizer, layout)
 
     @property
     def name(self) -> str:
