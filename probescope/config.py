@@ -56,7 +56,7 @@ class ModelEntry(_Strict):
     path: str | None = None  # local folder (relative to the config file)
     hub: str | None = None  # hub id such as "gpt2"
     revision: str | None = None
-    dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = "float32"
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = "auto"  # the checkpoint's own
     device: str = "cpu"
     device_map: str | dict[str, Any] | None = None
     architecture: str | None = None  # adapter name, when detection should be overridden

@@ -94,3 +94,21 @@ def test_relative_update_streams_its_reference(tmp_path, monkeypatch, words):
     assert values.sel(layer=1, component="attn.v").item() == pytest.approx(0.5, rel=1e-6)
     others = values.where(~((values.layer == 1) & (values.component == "attn.v")))
     assert np.nanmax(np.abs(others.values)) == 0.0
+
+
+def test_default_dtype_is_the_checkpoints(tmp_path, words):
+    import torch
+
+    model = build_llama(words).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16", max_shard_size="30KB")
+    words.save_pretrained(tmp_path / "bf16")
+    entry = {"name": "m", "path": str(tmp_path / "bf16")}  # no dtype: "auto"
+    streamed = probescope.run({"models": [entry], "probes": [{"use": "component_norm", "statistic": "weight_norm"}]},
+                              write=False)["m"]["component_norm"]
+    loaded = probescope.run({"models": [entry], "inputs": {"prompts": ["a b c"]},
+                             "probes": [{"use": "component_norm", "statistic": "activation_norm"}]},
+                            write=False)["m"]["component_norm"]
+    assert streamed.attrs["dtype"] == loaded.attrs["dtype"] == "bfloat16"
+    weight = model.model.layers[2].self_attn.o_proj.weight.double()
+    assert streamed.value.sel(layer=2, component="attn.o").item() == pytest.approx(weight.norm().item(), rel=1e-12)
+    assert np.isfinite(loaded.value.values).sum() == 3 * 7
