@@ -115,9 +115,11 @@ class _PluginEntry(BaseModel):
 
 
 class ProbeEntry(_PluginEntry):
-    """``[[probes]]``: ``use`` names the probe; every other key is one of its parameters."""
+    """``[[probes]]``: ``use`` names the probe, ``models`` the models it runs on (all by
+    default); every other key is one of its parameters."""
 
     name: str | None = None
+    models: list[str] | None = Field(default=None, min_length=1)
 
     @field_validator("name")
     @classmethod
@@ -151,10 +153,20 @@ class Output(_Strict):
     dir: str = "results"
 
 
+class Include(_Strict):
+    """An ``include`` item given as a table: the file, and keys to change in its probe
+    entries, by entry name (see :mod:`probescope.config_files`)."""
+
+    path: str
+    override: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
 class RunConfig(_Strict):
     """The file's sections. :func:`validate` checks each one separately against its own
-    schema; this class names them and their defaults."""
+    schema; this class names them and their defaults. ``include`` is merged in before
+    (:func:`probescope.config_files.assemble`)."""
 
+    include: list[str | Include] = Field(default_factory=list)
     models: list[ModelEntry] = Field(default_factory=list)
     inputs: Inputs
     probes: list[ProbeEntry] = Field(min_length=1)
@@ -168,6 +180,10 @@ class ProbeTask:
     probe: Any  # the Probe instance
     params: Any  # its validated Parameters
     index: int  # position in [[probes]], for error locations
+    models: tuple[str, ...] | None = None  # the models it runs on; None: every model
+
+    def runs_on(self, model: str) -> bool:
+        return self.models is None or model in self.models
 
 
 @dataclass(frozen=True)
@@ -191,6 +207,18 @@ class Plan:
     renderers: list[RendererTask]
     output_dir: Path
     problems: list[Problem] = field(default_factory=list)  # found so far; see runner.prepare
+    #: where entries merged from included files came from (:func:`probescope.config_files.relocate`)
+    origins: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
+
+    def probes_for(self, model: str) -> list[ProbeTask]:
+        """The probe entries that run on ``model`` (an entry's ``models`` limits it)."""
+        return [task for task in self.probes if task.runs_on(model)]
+
+    def located(self, problems: Sequence[Problem]) -> list[Problem]:
+        """``problems`` with those of included entries located in their own file."""
+        from probescope.config_files import relocate
+
+        return relocate(problems, self.origins)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -394,7 +422,9 @@ def validate(
         params, found = parameter_problems(probe, entry.parameters, ("probes", i), base_dir)
         problems += found
         if params is not None:
-            probes.append(ProbeTask(entry.label, probe, params, i))
+            probes.append(ProbeTask(entry.label, probe, params, i,
+                                    None if entry.models is None else tuple(entry.models)))
+    problems += _entry_model_problems(probe_entries, [m.name for _, m in models] + list(given_models))
 
     renderers: list[RendererTask] = []
     outputs: set[str] = set()
@@ -450,13 +480,39 @@ def validate(
     )
 
 
+def _entry_model_problems(entries: Sequence[tuple[int, ProbeEntry]], names: Sequence[str]) -> list[Problem]:
+    """A problem for each name in a probe entry's ``models`` that no model has."""
+    problems = []
+    for i, entry in entries:
+        for k, name in enumerate(entry.models or []):
+            if name not in names:
+                problems.append(Problem(f"probes[{i}].models[{k}]", f"no model named {name!r}; "
+                                                                   f"models: {', '.join(names) or 'none'}"))
+    return problems
+
+
+def assembled_plan(
+    raw: Mapping[str, Any], registry: Any, *, source: str, base_dir: Path, given_models: Sequence[str] = (),
+) -> Plan:
+    """:func:`validate` after merging included probe sets and expanding ``${VARIABLES}``
+    (:mod:`probescope.config_files`); problems of included entries name their file."""
+    from dataclasses import replace
+
+    from probescope.config_files import assemble
+
+    assembled = assemble(raw, base_dir, read_toml)
+    plan = validate(assembled.raw, registry, source=source, base_dir=base_dir, given_models=given_models)
+    plan = replace(plan, origins=assembled.origins)
+    return replace(plan, problems=assembled.problems + plan.located(plan.problems))
+
+
 def load_plan(
     config: str | Path | Mapping[str, Any], registry: Any, given_models: Sequence[str] = ()
 ) -> Plan:
     """Validate a config given as a TOML path or as a dict (paths relative to the cwd)."""
     if isinstance(config, Mapping):
-        return validate(config, registry, source="<config dict>", base_dir=Path.cwd(),
-                        given_models=given_models)
+        return assembled_plan(config, registry, source="<config dict>", base_dir=Path.cwd(),
+                              given_models=given_models)
     path = Path(config)
-    return validate(read_toml(path), registry, source=str(path),
-                    base_dir=path.resolve().parent, given_models=given_models)
+    return assembled_plan(read_toml(path), registry, source=str(path),
+                          base_dir=path.resolve().parent, given_models=given_models)

@@ -90,19 +90,20 @@ def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedMode
                     f"model {info.name!r}: the prompt is {len(prompt)} tokens long, but the model "
                     f"takes at most {info.max_positions}; shorten it",
                 ))
-        for task in plan.probes:
+        for task in plan.probes_for(info.name):
             problems += _scoped(f"probes[{task.index}]", info.name, task.probe.check(task.params, info))
         if not plan.prompts and not asked_for_prompts:  # once, not once per model
             problems += _needs_prompts(plan, info)
             asked_for_prompts = True
+        runs_here = {task.name for task in plan.probes_for(info.name)}
         for task in plan.renderers:
-            if task.probe in probe_params:
+            if task.probe in probe_params and task.probe in runs_here:
                 found = task.renderer.check(task.params, prompts=plan.prompts,
                                             probe_params=probe_params[task.probe], model=info)
                 problems += _scoped(f"renderers[{task.index}]", info.name, found)
         prepared.append(Prepared(info, tokenizer, prompts, entry, loaded))
     if problems:
-        raise ConfigError(plan.source, problems)
+        raise ConfigError(plan.source, plan.located(problems))
     return prepared
 
 
@@ -216,11 +217,12 @@ def run_model(plan: Plan, prepared: Prepared, registry: Any, outcome: Outcome, w
     loaded = open_model(plan, prepared)
     batches = inputs_mod.batches(prepared.prompts, plan.batch_size,
                                  pad_id=inputs_mod.pad_id_of(prepared.tokenizer), device=loaded.device)
-    reads = _probe_reads(plan.probes, prepared.info, outcome)
+    tasks = plan.probes_for(name)
+    reads = _probe_reads(tasks, prepared.info, outcome)
     reduced = _trace_all(loaded, reads, batches, outcome)
     failed = {f["name"] for f in outcome.failures if f["model"] == name}
 
-    for task in progress(plan.probes, desc=f"{name}: probes"):
+    for task in progress(tasks, desc=f"{name}: probes"):
         if task.name in failed:
             continue
         run = ProbeRun(loaded, prepared.prompts, batches, trace.gather(reduced.get(task.name, [])))
