@@ -21,7 +21,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
-from probescope.errors import ConfigError, PluginError, Problem
+from probescope.errors import ConfigError, PluginError, Problem, location
 from probescope.formats import figure_format_problem
 from probescope.params import validation_context
 
@@ -231,17 +231,6 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(str(path), [Problem("", "no such file")]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), [Problem("", f"not valid TOML: {exc}")]) from None
-
-
-def location(loc: Sequence[Any]) -> str:
-    """``("probes", 0, "layers", 2)`` -> ``probes[0].layers[2]``."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
 
 
 _UNION_PARTS = ("str", "int", "float", "bool", "list[...]", "dict[str,any]")

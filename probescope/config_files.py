@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from probescope.errors import Problem
+from probescope.errors import Problem, location
 
 #: Sections an included file may hold.
 INCLUDABLE = ("include", "probes", "renderers")
@@ -45,8 +45,6 @@ def expand_variables(value: Any, where: Sequence[Any], problems: list[Problem],
                      environ: Mapping[str, str] | None = None) -> Any:
     """``value`` with ``${NAME}`` in every string replaced by the environment variable;
     a problem at the key path for each unset or malformed one."""
-    from probescope.config import location
-
     environ = os.environ if environ is None else environ
     if isinstance(value, str):
         def replace(match: re.Match) -> str:

@@ -7,7 +7,7 @@ those into a message and a non-zero exit status instead of a traceback.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
 
 class ProbescopeError(Exception):
@@ -26,6 +26,17 @@ class Problem:
     def format(self, source: str) -> str:
         where = f"{source}: {self.location}" if self.location else source
         return f"{where}: {self.message}"
+
+
+def location(loc: Sequence[Any]) -> str:
+    """``("probes", 0, "layers", 2)`` -> ``probes[0].layers[2]``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
 
 
 class ConfigError(ProbescopeError):
