@@ -7,6 +7,7 @@ still written, and the run ends with :class:`RunFailed` so the command exits non
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -16,8 +17,9 @@ import xarray as xr
 from probescope import inputs as inputs_mod
 from probescope import models as models_mod
 from probescope import results, trace
+from probescope.architectures.base import ATTENTION, get_submodule
 from probescope.config import Plan, ProbeTask
-from probescope.errors import ConfigError, InputError, ModelLoadError, Problem, ProbescopeError, RunFailed
+from probescope.errors import ConfigError, InputError, ModelLoadError, Problem, ProbescopeError, RunFailed, SiteError
 from probescope.architectures.streamed import StreamedModel
 from probescope.probe import ProbeRun
 from probescope.progress import progress
@@ -91,7 +93,10 @@ def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedMode
                     f"takes at most {info.max_positions}; shorten it",
                 ))
         for task in plan.probes_for(info.name):
-            problems += _scoped(f"probes[{task.index}]", info.name, task.probe.check(task.params, info))
+            own = task.probe.check(task.params, info)
+            # Sites are checked once the probe's parameters are (a layer out of range is said once).
+            found = own or _site_problems(task, info)
+            problems += _scoped(f"probes[{task.index}]", info.name, found)
         if not plan.prompts and not asked_for_prompts:  # once, not once per model
             problems += _needs_prompts(plan, info)
             asked_for_prompts = True
@@ -120,6 +125,25 @@ def _needs_prompts(plan: Plan, info: models_mod.ModelInfo) -> list[Problem]:
         return []
     return [Problem("inputs", f"required section is missing; it holds prompts = [...], which "
                               f"{', '.join(map(repr, readers))} need{'s' if len(readers) == 1 else ''}")]
+
+
+def _site_problems(task: ProbeTask, info: models_mod.ModelInfo) -> list[Problem]:
+    """A problem for each site the probe reads that the model's architecture lacks (an
+    ``attention`` read of a family without it, ``resid_mid`` of a parallel family),
+    found from the config alone, before weights load."""
+    try:
+        reads = task.probe.reads(task.params, info)
+    except Exception:  # the probe's own failure is reported when it runs
+        return []
+    adapter = info.adapter
+    blocks = adapter.block_paths[0] if adapter.block_paths else ""
+    found: dict[str, None] = {}
+    for read in reads:
+        try:
+            adapter.site(read.site, blocks, info.config)
+        except ProbescopeError as exc:
+            found[str(exc)] = None
+    return [Problem("", message) for message in found]
 
 
 def _scoped(entry: str, model: str, problems: Sequence[Problem]) -> list[Problem]:
@@ -151,7 +175,10 @@ def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list, outco
 
     def place(ref):
         if ref not in sites:
-            sites[ref] = adapter.site(ref, loaded.blocks, loaded.info.config)
+            site = adapter.site(ref, loaded.blocks, loaded.info.config)
+            if get_submodule(loaded.model, site.module) is None:  # a base model has no output layer
+                raise SiteError(f"{type(loaded.model).__name__} has no module {site.module!r} for site {ref}")
+            sites[ref] = site
         return sites[ref]
 
     # A probe asking for a site this family lacks (GPT-2 has no mlp.gate) fails alone.
@@ -168,9 +195,12 @@ def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list, outco
     reads = [(owner, read) for owner, read in reads if owner not in unplaceable]
     if not reads:
         return per_owner
+    # Only eager attention computes probabilities: switched on for this model's pass, then back.
+    reads_attention = any(read.site.kind == ATTENTION for _, read in reads)
     try:
         steps = trace.plan_steps(reads, place)
-        with trace.wrapped(loaded.model) as envoy:
+        eager = trace.attention_implementation(loaded.model, "eager") if reads_attention else nullcontext()
+        with eager, trace.wrapped(loaded.model) as envoy:
             for batch in progress(batches, desc=f"{name}: batches"):
                 sink, failed = trace.run_batch(envoy, steps, batch)
                 for owner, exc in failed.items():

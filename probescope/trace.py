@@ -61,17 +61,28 @@ def _apply(step: Step, value: Any, batch: Batch, sink: dict, failed: dict) -> No
             continue
         try:
             hidden = site.select(value)
-            if hidden.dim() == 2:  # (tokens, width): OPT flattens tokens before its MLP
+            if hidden.dim() == 2:  # (tokens, width): OPT flattens tokens around its MLP
                 hidden = hidden.reshape(*batch.input_ids.shape, -1)
+            if site.finish is not None:
+                hidden = site.finish(hidden, batch)
             sink[owner][read.key] = read.reduce(hidden, batch)
         except Exception as exc:
             failed[owner] = exc
 
 
 def _envoy_at(envoy: Any, path: str) -> Any:
-    for part in path.split("."):
+    """The envoy at a dotted module path (``""``: the model itself)."""
+    for part in filter(None, path.split(".")):
         envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
     return envoy
+
+
+def _port(module: Any, port: str) -> Any:
+    """``module.input``, ``module.output``, or an operation inside its forward
+    (``source.attention_interface_1.inputs``)."""
+    for part in port.split("."):
+        module = getattr(module, part)
+    return module
 
 
 def run_batch(envoy: Any, steps: list[Step], batch: Batch) -> tuple[dict, dict]:
@@ -82,6 +93,11 @@ def run_batch(envoy: Any, steps: list[Step], batch: Batch) -> tuple[dict, dict]:
     """
     owners = {owner for step in steps for owner, _, _ in step.reads}
     ports = [(_envoy_at(envoy, step.module), step.port) for step in steps]
+    for module, port in ports:
+        if port.startswith("source."):
+            # nnsight instruments a forward's operations when .source is first used; done
+            # inside the pass, a module already running (its q_proj read) would miss it.
+            module.source
     # input_ids goes positionally: nnsight 0.5 finds no batch in keyword-only inputs.
     kwargs = {"attention_mask": batch.attention_mask, "use_cache": False}
     with torch.inference_mode():
@@ -89,7 +105,7 @@ def run_batch(envoy: Any, steps: list[Step], batch: Batch) -> tuple[dict, dict]:
             sink = nnsight.save({owner: {} for owner in owners})
             failed = nnsight.save({})
             for step, (module, port) in zip(steps, ports):
-                _apply(step, getattr(module, port), batch, sink, failed)
+                _apply(step, _port(module, port), batch, sink, failed)
             tracer.stop()
     return sink, failed
 
@@ -121,6 +137,33 @@ def _added_by_nnsight(key: str) -> bool:
     """Whether a module ``__dict__`` key is one nnsight installs: its controller
     ``forward`` and its per-module state (``__nnsight__`` and kin)."""
     return key == "forward" or key.startswith("__nnsight")
+
+
+@contextmanager
+def attention_implementation(model: torch.nn.Module, implementation: str = "eager") -> Iterator[None]:
+    """Run ``model`` with another attention implementation for the duration of a block,
+    then put its previous one back (a model the user passed in comes back as it was).
+
+    Only eager attention computes attention probabilities; SDPA and flash attention
+    return None in their place.
+    """
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if config is None or before is None or before == implementation:
+        yield
+        return
+    _set_attention(model, implementation)
+    try:
+        yield
+    finally:
+        _set_attention(model, before)
+
+
+def _set_attention(model: torch.nn.Module, implementation: str) -> None:
+    if hasattr(model, "set_attn_implementation"):  # recent transformers: every submodel too
+        model.set_attn_implementation(implementation)
+    else:  # earlier releases look the implementation up in the config at each forward
+        model.config._attn_implementation = implementation
 
 
 def gather(per_batch: list[dict[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:

@@ -105,6 +105,13 @@ class Case:
     softcap: float | None = None
     fused: tuple[Fused, ...] = field(default=())
     seed: int = 0
+    attn: str = "self_attn"  # the attention module in a block; returns (output, probabilities)
+    # The stream between attention and MLP: the module (in a block) whose input it is;
+    # None where attention and MLP run in parallel.
+    resid_mid: str | None = None
+    # Rotary families: the factor q.k is multiplied by before the softmax (None: no rotary).
+    score_scale: Callable[[object], float] | None = None
+    score_softcap: float | None = None  # Gemma 2: scores = cap * tanh(scores / cap)
 
 
 # -- the tables ---------------------------------------------------------------------------
@@ -200,6 +207,16 @@ def phi3_table(config) -> dict[str, Part]:
     }
 
 
+def head_dim_scale(config) -> float:
+    # LlamaAttention and kin: self.scaling = self.head_dim ** -0.5
+    return (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads) ** -0.5
+
+
+def gemma2_scale(config) -> float:
+    # Gemma2Attention: self.scaling = config.query_pre_attn_scalar ** -0.5
+    return config.query_pre_attn_scalar ** -0.5
+
+
 def gpt2_positions(model, n: int) -> torch.Tensor:
     return model.transformer.wpe.weight[torch.arange(n)]
 
@@ -235,73 +252,82 @@ CASES: list[Case] = [
     Case(
         "gpt2", "gpt2", lambda: T.GPT2Config(**GPT2_LIKE), "transformer.h", gpt2_table,
         (HEADS, HEADS, HD), "transformer.wte", "transformer.ln_f", conv1d=True, tied=True,
-        positions=gpt2_positions,
+        positions=gpt2_positions, attn="attn", resid_mid="ln_2",
         fused=(Fused("attn.c_attn", ("attn.q", "attn.k", "attn.v"), cat_rows),),
     ),
     Case(
         "gpt2-untied", "gpt2", lambda: T.GPT2Config(**GPT2_LIKE, tie_word_embeddings=False), "transformer.h",
         gpt2_table, (HEADS, HEADS, HD), "transformer.wte", "transformer.ln_f", conv1d=True, tied=False,
-        positions=gpt2_positions, seed=1,
+        positions=gpt2_positions, seed=1, attn="attn", resid_mid="ln_2",
         fused=(Fused("attn.c_attn", ("attn.q", "attn.k", "attn.v"), cat_rows),),
     ),
     Case(
         "gpt_neox-parallel", "gpt_neox", lambda: T.GPTNeoXConfig(**NEOX_LIKE, use_parallel_residual=True),
         "gpt_neox.layers", neox_table, (HEADS, HEADS, HD), "gpt_neox.embed_in", "gpt_neox.final_layer_norm",
-        parallel=True, seed=2,
+        parallel=True, seed=2, attn="attention", score_scale=head_dim_scale,
         fused=(Fused("attention.query_key_value", ("attn.q", "attn.k", "attn.v"), neox_interleave(HEADS, HD)),),
     ),
     Case(
         "gpt_neox-sequential", "gpt_neox", lambda: T.GPTNeoXConfig(**NEOX_LIKE, use_parallel_residual=False),
         "gpt_neox.layers", neox_table, (HEADS, HEADS, HD), "gpt_neox.embed_in", "gpt_neox.final_layer_norm",
-        parallel=False, seed=3,
+        parallel=False, seed=3, attn="attention", resid_mid="post_attention_layernorm",
+        score_scale=head_dim_scale,
         fused=(Fused("attention.query_key_value", ("attn.q", "attn.k", "attn.v"), neox_interleave(HEADS, HD)),),
     ),
     Case(
         "phi", "phi", lambda: T.PhiConfig(**LLAMA_LIKE), "model.layers", phi_table, (HEADS, HEADS, HD),
-        "model.embed_tokens", "model.final_layernorm", parallel=True, seed=4,
+        "model.embed_tokens", "model.final_layernorm", parallel=True, seed=4, score_scale=head_dim_scale,
     ),
     Case(
         "llama", "llama", lambda: T.LlamaConfig(**LLAMA_LIKE, num_key_value_heads=2), "model.layers",
         llama_table, (HEADS, 2, HD), "model.embed_tokens", "model.norm", seed=5,
+        resid_mid="post_attention_layernorm", score_scale=head_dim_scale,
     ),
     Case(
         "mistral", "mistral", lambda: T.MistralConfig(**LLAMA_LIKE, num_key_value_heads=2), "model.layers",
         llama_table, (HEADS, 2, HD), "model.embed_tokens", "model.norm", seed=6,
+        resid_mid="post_attention_layernorm", score_scale=head_dim_scale,
     ),
     Case(
         "qwen2", "qwen2", lambda: T.Qwen2Config(**LLAMA_LIKE, num_key_value_heads=2), "model.layers",
         llama_table, (HEADS, 2, HD), "model.embed_tokens", "model.norm", seed=7,
+        resid_mid="post_attention_layernorm", score_scale=head_dim_scale,
     ),
     Case(
         "gemma", "gemma", lambda: T.GemmaConfig(**LLAMA_LIKE, num_key_value_heads=1, head_dim=16),
         "model.layers", llama_table, (HEADS, 1, 16), "model.embed_tokens", "model.norm", tied=True,
-        embed_scale=WIDTH ** 0.5, seed=8,
+        embed_scale=WIDTH ** 0.5, seed=8, resid_mid="post_attention_layernorm", score_scale=head_dim_scale,
     ),
     Case(
         "gemma2", "gemma2",
-        lambda: T.Gemma2Config(**LLAMA_LIKE, num_key_value_heads=2, head_dim=16, final_logit_softcapping=3.0),
+        lambda: T.Gemma2Config(**LLAMA_LIKE, num_key_value_heads=2, head_dim=16, final_logit_softcapping=3.0,
+                               attn_logit_softcapping=2.0),
         "model.layers", llama_table, (HEADS, 2, 16), "model.embed_tokens", "model.norm", tied=True,
         embed_scale=WIDTH ** 0.5, softcap=3.0, seed=9,
+        # Gemma2DecoderLayer: residual + post_attention_layernorm(attn); then pre_feedforward_layernorm
+        resid_mid="pre_feedforward_layernorm", score_scale=gemma2_scale, score_softcap=2.0,
     ),
     Case(
         "gptj", "gptj", lambda: T.GPTJConfig(**GPT2_LIKE, rotary_dim=4), "transformer.h", gptj_table,
-        (HEADS, HEADS, HD), "transformer.wte", "transformer.ln_f", parallel=True, seed=10,
+        (HEADS, HEADS, HD), "transformer.wte", "transformer.ln_f", parallel=True, seed=10, attn="attn",
+        score_scale=lambda config: (config.n_embd // config.n_head) ** -0.5,  # GPTJAttention: / sqrt(head_dim)
     ),
     Case(
         "opt", "opt", lambda: T.OPTConfig(**OPT_LIKE), "model.decoder.layers", opt_table, (HEADS, HEADS, HD),
         "model.decoder.embed_tokens", "model.decoder.final_layer_norm", tied=True, positions=opt_positions,
-        seed=11,
+        seed=11, resid_mid="final_layer_norm",  # OPTDecoderLayer: residual + attn, then final_layer_norm (pre-norm)
     ),
     Case(
         "opt-350m-like", "opt",
         lambda: T.OPTConfig(**OPT_LIKE, word_embed_proj_dim=16, do_layer_norm_before=False),
         "model.decoder.layers", opt_table, (HEADS, HEADS, HD), "model.decoder.embed_tokens", None, tied=True,
         positions=opt_positions, project_in="model.decoder.project_in", project_out="model.decoder.project_out",
-        seed=12,
+        seed=12, resid_mid="fc1",  # post-norm: self_attn_layer_norm(residual + attn) goes straight to fc1
     ),
     Case(
         "phi3", "phi3", lambda: T.Phi3Config(**LLAMA_LIKE, num_key_value_heads=2), "model.layers", phi3_table,
         (HEADS, 2, HD), "model.embed_tokens", "model.norm", seed=13,
+        resid_mid="post_attention_layernorm", score_scale=head_dim_scale,
         fused=(
             Fused("self_attn.qkv_proj", ("attn.q", "attn.k", "attn.v"), cat_rows),
             Fused("mlp.gate_up_proj", ("mlp.gate", "mlp.up"), cat_rows),

@@ -204,9 +204,9 @@ def test_api_failure_keeps_the_other_datasets(gpt2, tokenizer):
     assert list(info.value.datasets["m"]) == ["token_similarity"]
 
 
-def test_a_probe_asking_for_a_component_the_family_lacks_fails_alone(gpt2, tokenizer):
-    """GPT-2 has no gated MLP: a third-party probe reading mlp.gate fails with that
-    reason, and the probes sharing its trace still produce their datasets."""
+def test_a_probe_asking_for_a_component_the_family_lacks_is_a_config_error(gpt2, tokenizer):
+    """GPT-2 has no gated MLP: a third-party probe reading mlp.gate is rejected at
+    validation, naming the probe entry, the family and the site, before anything runs."""
     import xarray as xr
 
     class GateReader(probescope.Probe):
@@ -225,11 +225,12 @@ def test_a_probe_asking_for_a_component_the_family_lacks_fails_alone(gpt2, token
 
     config = {"inputs": {"prompts": PROMPTS},
               "probes": [{"use": "gate_reader"}, {"use": "component_norm", "components": ["attn.v"]}]}
-    with pytest.raises(probescope.RunFailed) as info:
+    with pytest.raises(probescope.ConfigError) as info:
         probescope.run(config, models={"m": (gpt2, tokenizer)}, write=False, plugins=[("local", Plugin())])
-    [failure] = info.value.failures
-    assert failure["name"] == "gate_reader" and "no component 'mlp.gate'" in failure["error"]
-    assert np.isfinite(info.value.datasets["m"]["component_norm"].value).all()
+    [problem] = info.value.problems
+    assert problem.location == "probes[0]"
+    assert "architecture 'gpt2' has no site mlp.gate[0]" in problem.message
+    assert "no component 'mlp.gate'" in problem.message
 
 
 def test_a_model_passed_in_comes_back_unwrapped(tokenizer):

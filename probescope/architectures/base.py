@@ -19,6 +19,20 @@ from probescope.errors import SiteError, UnsupportedArchitectureError
 EMBED = "embed"
 RESID = "resid"
 COMPONENT = "component"
+ATTENTION = "attention"
+HEAD_OUTPUT = "head_output"
+MLP_HIDDEN = "mlp_hidden"
+RESID_MID = "resid_mid"
+ROTARY_Q = "rotary_q"
+ROTARY_K = "rotary_k"
+RESID_FINAL = "resid_final"
+LOGITS = "logits"
+
+#: Site kinds inside one block (they take a layer), in the order the docs list them.
+BLOCK_SITES = (RESID, COMPONENT, RESID_MID, ATTENTION, HEAD_OUTPUT, MLP_HIDDEN, ROTARY_Q, ROTARY_K)
+#: Site kinds of the whole model (no layer).
+MODEL_SITES = (EMBED, RESID_FINAL, LOGITS)
+SITE_KINDS = (EMBED, *BLOCK_SITES, RESID_FINAL, LOGITS)
 
 #: The canonical components of a block, in the order figures and datasets list them.
 #: Each names the output of one linear map: the attention's query, key, value and
@@ -30,11 +44,12 @@ COMPONENTS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down", "mlp
 class SiteRef:
     """A place in any supported model, by canonical name.
 
-    ``kind`` is ``"embed"`` (the residual stream entering block 0: token embeddings plus
-    whatever the family adds, such as positions or Gemma's sqrt(d) scale), ``"resid"``
-    (the residual stream leaving block ``layer``) or ``"component"`` (the output of
-    canonical component ``component`` of block ``layer``). Build them with
-    :func:`embed`, :func:`resid` and :func:`component`.
+    ``kind`` is one of :data:`SITE_KINDS`; ``layer`` is set for the kinds inside a block
+    (:data:`BLOCK_SITES`), ``component`` for component sites. Build them with the
+    constructors (:func:`embed`, :func:`resid`, :func:`component`, :func:`resid_mid`,
+    :func:`attention`, :func:`head_output`, :func:`mlp_hidden`, :func:`rotary_q`,
+    :func:`rotary_k`, :func:`resid_final`, :func:`logits`), whose docstrings say what
+    each holds and its shape.
     """
 
     kind: str
@@ -66,6 +81,70 @@ def component(name: str, layer: int) -> SiteRef:
     return SiteRef(COMPONENT, layer, name)
 
 
+def resid_mid(layer: int) -> SiteRef:
+    """The residual stream between block ``layer``'s attention and its MLP (the block's
+    input plus what attention wrote), ``(batch, token, d_model)``. Only sequential
+    families have it: where attention and MLP run in parallel (GPT-J, Phi, GPT-NeoX
+    unless ``use_parallel_residual = false``) no stream exists between them, and asking
+    for it is a :class:`SiteError`."""
+    return SiteRef(RESID_MID, layer)
+
+
+def attention(layer: int) -> SiteRef:
+    """Attention probabilities of block ``layer``, ``(batch, head, query, key)``: the
+    softmax the model multiplies values by (after Gemma 2's score soft cap).
+
+    Keys that are padding carry probability exactly 0; rows of padded queries are NaN,
+    so a reduction that forgets ``batch.mask`` shows NaN instead of a plausible number.
+    Reading this site makes the runner run that model with eager attention for the run
+    (SDPA and flash attention compute no probabilities) and restore its previous
+    implementation afterwards."""
+    return SiteRef(ATTENTION, layer)
+
+
+def head_output(layer: int) -> SiteRef:
+    """Each head's result in block ``layer`` before the output projection mixes heads
+    (the input of ``attn.o``), ``(batch, token, head, head_dim)``: summing
+    ``head_output[..., h, :] @ W_O[h]`` over heads, plus ``b_O``, gives ``attn.o``."""
+    return SiteRef(HEAD_OUTPUT, layer)
+
+
+def mlp_hidden(layer: int) -> SiteRef:
+    """The MLP's neurons in block ``layer`` (the input of ``mlp.down``),
+    ``(batch, token, d_mlp)``: ``act(up)``, or ``act(gate) * up`` in a gated MLP."""
+    return SiteRef(MLP_HIDDEN, layer)
+
+
+def rotary_q(layer: int) -> SiteRef:
+    """Block ``layer``'s queries as its attention scores use them, after rotary position
+    embedding (and any query norm), ``(batch, token, head, head_dim)``. Only families
+    with rotary positions have it; the architecture page says per family which part of
+    each head is rotated."""
+    return SiteRef(ROTARY_Q, layer)
+
+
+def rotary_k(layer: int) -> SiteRef:
+    """Block ``layer``'s keys as its attention scores use them, after rotary position
+    embedding, ``(batch, token, kv_head, head_dim)``: one per key/value head, not repeated
+    for grouped-query attention (query head ``h`` reads key head
+    ``ModelLayout.heads(layer).kv_head[h]``)."""
+    return SiteRef(ROTARY_K, layer)
+
+
+def resid_final() -> SiteRef:
+    """The residual stream as the output layer reads it, ``(batch, token, width)``: the
+    last block's output after the final norm (and OPT-350m's ``project_out``, so its width
+    is ``word_embed_proj_dim`` there); the last block's output itself where the model
+    has neither."""
+    return SiteRef(RESID_FINAL)
+
+
+def logits() -> SiteRef:
+    """The model's output logits, ``(batch, token, vocab)``, as the model returns them
+    (after Gemma 2's final soft cap)."""
+    return SiteRef(LOGITS)
+
+
 def first_tensor(value: Any) -> torch.Tensor:
     """The hidden states in a module's input or output.
 
@@ -84,13 +163,22 @@ class Site:
     :param module: dotted path of the module from the model's root (``transformer.h.3``).
     :param port: ``"input"`` or ``"output"`` of that module.
     :param order: sort key in execution order; reads are issued sorted by it.
-    :param select: picks a ``(batch, token, width)`` tensor out of the raw value.
+    :param select: picks the site's tensor out of the raw value. A ``(tokens, width)``
+        tensor (OPT flattens tokens around its MLP) is then unflattened to
+        ``(batch, token, width)`` by the trace.
+    :param finish: applied last, with the batch: the site's final shape and masking
+        (heads split out, padded attention rows set to NaN).
+
+    ``module`` is ``""`` for the model itself; ``port`` may name an operation inside a
+    module's forward (``source.attention_interface_1.inputs``, through nnsight's
+    ``.source``) for values no module returns.
     """
 
     module: str
     port: str
     order: tuple[int, ...]
     select: Callable[[Any], torch.Tensor] = field(default=first_tensor, compare=False)
+    finish: Callable[[torch.Tensor, Any], torch.Tensor] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -212,6 +300,15 @@ class ArchitectureAdapter:
     #: family does not name them, and :meth:`mlp_output` is unavailable unless overridden).
     mlp_path: ClassVar[str | None] = None
     mlp_norm_path: ClassVar[str | None] = None
+    #: A block's attention module, relative to the block; it returns
+    #: ``(output, probabilities, ...)`` (None: the family gives no :func:`attention`).
+    attention_path: ClassVar[str | None] = None
+    #: The call inside the attention module's ``forward`` that turns queries and keys
+    #: into scores, as nnsight's ``.source`` labels it, and the position of the query
+    #: among its positional arguments (the key follows it). None: no rotary sites.
+    scores_call: ClassVar[tuple[str, int] | None] = None
+    #: For the docs: what the rotary sites hold in this family, or why it has none.
+    rotary: ClassVar[str] = "no rotary position embedding (or the adapter does not name the call that scores it)"
 
     def handles(self, config: Any) -> bool:
         """Whether this adapter is the one for a model with this transformers config."""
@@ -291,38 +388,170 @@ class ArchitectureAdapter:
         )
 
     def site_kinds(self) -> tuple[str, ...]:
-        """Canonical site kinds this adapter can place."""
-        return (EMBED, RESID, COMPONENT) if self.component_modules else (EMBED, RESID)
+        """Canonical site kinds this adapter can place (in some configuration)."""
+        if not self.component_modules:
+            return (EMBED, RESID)
+        kinds = [EMBED, RESID, COMPONENT, RESID_MID, HEAD_OUTPUT, MLP_HIDDEN, RESID_FINAL, LOGITS]
+        if self.attention_path is not None:
+            kinds.insert(4, ATTENTION)
+            if self.scores_call is not None:
+                kinds[5:5] = [ROTARY_Q, ROTARY_K]
+        return tuple(kinds)
+
+    def resid_mid_port(self, config: Any) -> tuple[str, str]:
+        """Where the stream between attention and MLP is read, relative to a block:
+        ``(module, port)``. By default the input of the norm in front of the MLP.
+
+        :raises SiteError: with the reason, where the family (or this configuration)
+            has no such stream.
+        """
+        if self.parallel(config):
+            raise SiteError("attention and MLP run in parallel here: both read the block's input and "
+                            "add to the stream together, so there is no stream between them")
+        if self.mlp_norm_path is None:
+            raise SiteError("the adapter does not name the norm in front of the MLP")
+        return self.mlp_norm_path, "input"
+
+    def final_stream_path(self, config: Any) -> str | None:
+        """The module whose output is the stream the output layer reads, relative to the
+        module holding the blocks (by default the final norm); None: the last block's output."""
+        return self.final_norm_path
+
+    def _component(self, name: str, config: Any) -> Component:
+        components = self.components(config)
+        if name not in components:
+            raise SiteError(f"it has no component {name!r}; it has {', '.join(components) or 'none'}")
+        return components[name]
 
     def site(self, ref: SiteRef, blocks: str, config: Any = None) -> Site:
         """Place ``ref`` in a model whose blocks sit at ``blocks``.
 
-        Component sites need the model's ``config`` (fused modules are split by head
-        count and width).
+        Everything but ``embed`` and ``resid`` needs the model's ``config`` (fused modules
+        are split by head count and width; whether blocks are parallel, how many layers).
+
+        :raises SiteError: naming the architecture, the site and why it is missing. Only
+            the config is read, so this runs at validation, before any weights load.
         """
+        try:
+            return self._place(ref, blocks, config)
+        except SiteError as exc:
+            raise SiteError(f"architecture {self.name!r} has no site {ref}: {exc}") from None
+
+    def _place(self, ref: SiteRef, blocks: str, config: Any) -> Site:
         if ref.kind == EMBED:
             # The input of block 0 is the residual stream after everything the family
             # does to embeddings (positions, scaling), which no single module outputs.
             return Site(f"{blocks}.0", "input", (-1, 0))
-        if ref.kind == RESID and ref.layer is not None:
+        if ref.kind not in SITE_KINDS:
+            raise SiteError(f"unknown kind {ref.kind!r}; the kinds are {', '.join(SITE_KINDS)}")
+        if ref.kind in (ROTARY_Q, ROTARY_K) and self.scores_call is None and self.component_modules:
+            raise SiteError(self.rotary)
+        if ref.kind not in self.site_kinds():
+            raise SiteError(f"the adapter provides {', '.join(self.site_kinds())}")
+        if ref.kind == RESID and ref.layer is not None and config is None:
             return Site(f"{blocks}.{ref.layer}", "output", (ref.layer, 1_000))
-        if ref.kind == COMPONENT and ref.layer is not None and config is not None:
-            components = self.components(config)
-            if ref.component in components:
-                part = components[ref.component]
-                rank = list(components).index(ref.component) + 1  # execution order in the block
+        if config is None:
+            raise SiteError("placing it needs the model's config")
+        layers = self.num_layers(config)
+        if ref.kind in MODEL_SITES:
+            return self._place_model_site(ref, blocks, config, layers)
+        if ref.layer is None or not 0 <= ref.layer < layers:
+            raise SiteError(f"layer {ref.layer} is out of range: the model has {layers} layers, so give 0..{layers - 1}")
+        return self._place_block_site(ref, f"{blocks}.{ref.layer}", config)
 
-                def select(value: Any, part: Component = part) -> torch.Tensor:
-                    return part.take(first_tensor(value))
+    def _place_model_site(self, ref: SiteRef, blocks: str, config: Any, layers: int) -> Site:
+        body = blocks.rpartition(".")[0]
+        if ref.kind == LOGITS:
+            return Site("", "output", (FINAL, 1), _logits_of)
+        path = self.final_stream_path(config)
+        if path is None:
+            return Site(f"{blocks}.{layers - 1}", "output", (layers - 1, 1_000))
+        return Site(f"{body}.{path}" if body else path, "output", (FINAL, 0))
 
-                return Site(f"{blocks}.{ref.layer}.{part.module}", "output", (ref.layer, rank), select)
-            raise SiteError(
-                f"architecture {self.name!r} has no component {ref.component!r}; it has "
-                f"{', '.join(components) or 'none'}"
-            )
+    def _place_block_site(self, ref: SiteRef, block: str, config: Any) -> Site:
+        layer = ref.layer
+        if ref.kind == RESID:
+            return Site(block, "output", (layer, 1_000))
+        if ref.kind == COMPONENT:
+            part = self._component(ref.component, config)
+
+            def select(value: Any, part: Component = part) -> torch.Tensor:
+                return part.take(first_tensor(value))
+
+            return Site(f"{block}.{part.module}", "output", (layer, self._rank(ref.component, config)), select)
+        if ref.kind == RESID_MID:
+            module, port = self.resid_mid_port(config)
+            return Site(f"{block}.{module}", port, (layer, RANKS[RESID_MID]))
+        if ref.kind == HEAD_OUTPUT:
+            shape = self.attention_shape(config)
+            part = self._component("attn.o", config)
+
+            def split(hidden: torch.Tensor, batch: Any, heads: int = shape.n_heads) -> torch.Tensor:
+                return hidden.unflatten(-1, (heads, -1))
+
+            return Site(f"{block}.{part.module}", "input", (layer, RANKS[HEAD_OUTPUT]), finish=split)
+        if ref.kind == MLP_HIDDEN:
+            part = self._component("mlp.down", config)
+            return Site(f"{block}.{part.module}", "input", (layer, RANKS[MLP_HIDDEN]))
+        attention_module = f"{block}.{self.attention_path}"
+        if ref.kind == ATTENTION:
+            return Site(attention_module, "output", (layer, RANKS[ATTENTION]), _probabilities_of, _mask_padding)
+        label, query = self.scores_call  # rotary_q, rotary_k: in site_kinds only when set
+        index = query if ref.kind == ROTARY_Q else query + 1
+
+        def per_token(value: Any, index: int = index) -> torch.Tensor:
+            args, _ = value
+            return args[index].transpose(1, 2)  # (batch, head, token, hd) -> (batch, token, head, hd)
+
+        return Site(attention_module, f"source.{label}.inputs", (layer, RANKS[ROTARY_Q]), per_token)
+
+    def _rank(self, name: str, config: Any) -> int:
+        """Where a component's output falls among a block's reads (see :data:`RANKS`):
+        attention projections and MLP projections in the adapter's execution order."""
+        if name in RANKS:
+            return RANKS[name]
+        order = list(self.components(config))
+        return (10 if name.startswith("attn.") else 60) + order.index(name)
+
+
+#: Position of each read within a block, in the order nnsight's hooks fire: a module's
+#: input before its output, a module's output after its submodules' (attention's
+#: probabilities come with its output, after ``attn.o``). Components other than these
+#: take 10 + i (attention side) or 60 + i (MLP side) by their index in the adapter's order.
+RANKS = {
+    ROTARY_Q: 20, ROTARY_K: 20, HEAD_OUTPUT: 30, "attn.o": 31, ATTENTION: 40, RESID_MID: 50,
+    MLP_HIDDEN: 70, "mlp.down": 71, RESID: 1_000,
+}
+#: First element of the order of sites after the last block.
+FINAL = 1 << 30
+
+
+def _logits_of(value: Any) -> torch.Tensor:
+    found = getattr(value, "logits", None)
+    if found is None:
+        raise SiteError(f"the model returned {type(value).__name__} without logits: it has no output layer; "
+                        "load it with its language-modelling head (a *ForCausalLM class)")
+    return found
+
+
+def _probabilities_of(value: Any) -> torch.Tensor:
+    probabilities = value[1] if isinstance(value, (tuple, list)) and len(value) > 1 else None
+    if not isinstance(probabilities, torch.Tensor):
         raise SiteError(
-            f"architecture {self.name!r} has no site {ref}; it provides {', '.join(self.site_kinds())}"
+            "the attention module returned no probabilities; it computes them only with eager "
+            "attention, which the runner switches on for runs that read attention(); a model whose "
+            "attention class was fixed when it was loaded (older transformers, GPT-J with flash "
+            "attention) must be loaded with attn_implementation='eager'"
         )
+    return probabilities
+
+
+def _mask_padding(probabilities: torch.Tensor, batch: Any) -> torch.Tensor:
+    """Rows of padded queries become NaN. (Padding keys already carry probability 0: batches
+    are right-padded, so every padding key comes after each real query, which the causal
+    mask hides from it.)"""
+    real = batch.mask.to(probabilities.device)
+    return probabilities.masked_fill(~real[:, None, :, None], float("nan"))
 
 
 class BlockListAdapter(ArchitectureAdapter):

@@ -22,6 +22,8 @@ class Gemma2Adapter(GemmaAdapter):
     model_types = ("gemma2",)
     description = "Gemma 2 (Gemma2ForCausalLM, Gemma2Model); embeddings scaled by sqrt(d), logit soft cap"
     mlp_norm_path = "pre_feedforward_layernorm"
+    rotary = ("every feature of each head rotated (rotate-half); the scores are q.k times "
+              "query_pre_attn_scalar^-1/2, soft-capped by attn_logit_softcapping")
 
     def mlp_output(self, block: Any, x: Any, config: Any) -> Any:
         """then `post_feedforward_layernorm` on its output"""

@@ -28,6 +28,8 @@ class GPT2Adapter(ArchitectureAdapter):
     final_norm_path = "ln_f"
     mlp_path = "mlp"
     mlp_norm_path = "ln_2"
+    attention_path = "attn"
+    rotary = "no rotary position embedding: learned absolute positions (`wpe`) are added to the embeddings"
 
     def components(self, config: Any) -> dict[str, Component]:
         d = self.hidden_size(config)

@@ -30,6 +30,10 @@ class GPTNeoXAdapter(ArchitectureAdapter):
     mlp_path = "mlp"
     # Its own norm in front of the MLP, in parallel and sequential blocks alike.
     mlp_norm_path = "post_attention_layernorm"
+    attention_path = "attention"
+    scores_call = ("attention_interface_1", 1)
+    rotary = ("the first `rotary_pct` of each head's features rotated (rotate-half: feature i pairs "
+              "with i + r/2), the rest as they come out of `query_key_value`")
 
     def components(self, config: Any) -> dict[str, Component]:
         shape = self.attention_shape(config)

@@ -23,6 +23,10 @@ class GPTJAdapter(ArchitectureAdapter):
     final_norm_path = "ln_f"
     mlp_path = "mlp"
     mlp_norm_path = "ln_1"  # shared with attention
+    attention_path = "attn"
+    scores_call = ("self__attn_0", 0)  # self._attn(query, key, value, mask)
+    rotary = ("the first `rotary_dim` features of each head rotated in interleaved pairs (2i, 2i + 1: "
+              "rotate-every-two), the rest unrotated")
 
     def parallel(self, config: Any) -> bool:
         return True

@@ -23,6 +23,9 @@ class LlamaAdapter(ArchitectureAdapter):
     final_norm_path = "norm"
     mlp_path = "mlp"
     mlp_norm_path = "post_attention_layernorm"  # the norm in front of the MLP, despite its name
+    attention_path = "self_attn"
+    scores_call = ("attention_interface_1", 1)  # attention_interface(self, query, key, value, mask, ...)
+    rotary = "every feature of each head rotated (rotate-half: feature i pairs with i + head_dim/2)"
 
 
 class MistralAdapter(LlamaAdapter):

@@ -25,6 +25,24 @@ class OPTAdapter(ArchitectureAdapter):
     final_norm_path = "final_layer_norm"
     project_in_path = "project_in"
     project_out_path = "project_out"
+    attention_path = "self_attn"
+    rotary = "no rotary position embedding: learned absolute positions; `attn.q` is multiplied by head_dim^-1/2 before the scores"
+
+    def resid_mid_port(self, config: Any) -> tuple[str, str]:
+        """`final_layer_norm` input (pre-norm; tokens flattened); post-norm OPT-350m: `fc1` input"""
+        # Pre-norm: the stream enters the block's final_layer_norm in front of fc1.
+        # Post-norm OPT-350m: self_attn_layer_norm(x + attention) goes to fc1 as it is.
+        if getattr(config, "do_layer_norm_before", True):
+            return "final_layer_norm", "input"
+        return "fc1", "input"
+
+    def final_stream_path(self, config: Any) -> str | None:
+        """`project_out` output where the config projects (OPT-350m), else `final_layer_norm` output"""
+        if getattr(config, "word_embed_proj_dim", None) not in (None, self.hidden_size(config)):
+            return self.project_out_path
+        if getattr(config, "do_layer_norm_before", True) and not getattr(config, "_remove_final_layer_norm", False):
+            return self.final_norm_path
+        return None
 
     def mlp_output(self, block: Any, x: Any, config: Any) -> Any:
         """`fc2(activation_fn(fc1(final_layer_norm(x))))`, all on the block (no MLP module); post-norm OPT-350m has no norm in front"""

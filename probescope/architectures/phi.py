@@ -23,6 +23,10 @@ class PhiAdapter(ArchitectureAdapter):
     final_norm_path = "final_layernorm"
     mlp_path = "mlp"
     mlp_norm_path = "input_layernorm"  # shared with attention
+    attention_path = "self_attn"
+    scores_call = ("attention_interface_1", 1)
+    rotary = ("the first `partial_rotary_factor` of each head's features rotated (rotate-half), the "
+              "rest unrotated; after `q_layernorm`/`k_layernorm` where the config turns them on")
 
     def parallel(self, config: Any) -> bool:
         return True

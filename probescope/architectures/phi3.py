@@ -32,6 +32,10 @@ class Phi3Adapter(ArchitectureAdapter):
     final_norm_path = "norm"
     mlp_path = "mlp"
     mlp_norm_path = "post_attention_layernorm"
+    attention_path = "self_attn"
+    scores_call = ("attention_interface_1", 1)
+    rotary = ("the first `partial_rotary_factor` (by default all) of each head's features rotated "
+              "(rotate-half), the rest unrotated")
 
     def components(self, config: Any) -> dict[str, Component]:
         shape = self.attention_shape(config)
