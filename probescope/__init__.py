@@ -15,7 +15,8 @@ Plugins implement the hooks in :mod:`probescope.plugins.hookspecs` with
 from probescope.version import __version__
 from probescope.plugins.hookspecs import hookimpl
 from probescope.architectures.base import (  # noqa: E402
-    COMPONENTS, ArchitectureAdapter, Component, Features, Site, SiteRef, component, embed, resid,
+    COMPONENTS, ArchitectureAdapter, Component, Features, Site, SiteRef, attention, component, embed,
+    head_output, logits, mlp_hidden, resid, resid_final, resid_mid, rotary_k, rotary_q,
 )
 from probescope.architectures.layout import ModelLayout  # noqa: E402
 from probescope.errors import ConfigError, ProbescopeError, RunFailed  # noqa: E402
@@ -28,6 +29,7 @@ __all__ = [
     "__version__", "hookimpl", "run", "load", "render", "combine",
     "Probe", "ProbeRun", "Read", "Parameters", "Renderer",
     "ArchitectureAdapter", "Component", "Features", "ModelLayout", "Site", "SiteRef",
-    "COMPONENTS", "component", "embed", "resid",
+    "COMPONENTS", "component", "embed", "resid", "resid_mid", "attention", "head_output", "mlp_hidden",
+    "rotary_q", "rotary_k", "resid_final", "logits",
     "ProbescopeError", "ConfigError", "RunFailed",
 ]

@@ -33,8 +33,9 @@ class Read:
 
     :param key: the probe's own name for the result; results come back under it.
     :param site: the canonical site to read.
-    :param reduce: called as ``reduce(hidden, batch)`` with ``hidden`` of shape
-        ``(batch, token, width)``; returns a (small) tensor. It runs inside the forward
+    :param reduce: called as ``reduce(hidden, batch)`` with ``hidden`` shaped as the
+        site's constructor says (``(batch, token, width)`` for the residual stream and
+        components, ``(batch, head, query, key)`` for ``attention``...); returns a (small) tensor. It runs inside the forward
         pass, so it must only compute: no I/O, and nothing kept beyond its return value.
     """
 

@@ -9,8 +9,18 @@ from probescope.architectures.base import (
     BlockListAdapter,
     Site,
     SiteRef,
+    attention,
+    component,
     embed,
+    head_output,
+    logits,
+    mlp_hidden,
     resid,
+    resid_final,
+    resid_mid,
+    rotary_k,
+    rotary_q,
 )
 
-__all__ = ["ArchitectureAdapter", "BlockListAdapter", "Site", "SiteRef", "embed", "resid"]
+__all__ = ["ArchitectureAdapter", "BlockListAdapter", "Site", "SiteRef", "attention", "component", "embed",
+           "head_output", "logits", "mlp_hidden", "resid", "resid_final", "resid_mid", "rotary_k", "rotary_q"]

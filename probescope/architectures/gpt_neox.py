@@ -46,6 +46,10 @@ class GPTNeoXAdapter(ArchitectureAdapter):
     def parallel(self, config: Any) -> bool:
         return bool(getattr(config, "use_parallel_residual", True))
 
+    def resid_mid_port(self, config: Any) -> tuple[str, str]:
+        """`post_attention_layernorm` input where the config sets use_parallel_residual = false; none in parallel blocks (the default)"""
+        return super().resid_mid_port(config)
+
 
 @hookimpl
 def register_architectures(register):

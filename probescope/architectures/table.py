@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Iterable
 
 from probescope.architectures.base import COMPONENTS, ArchitectureAdapter
+from probescope.errors import SiteError
 
 INTRO = """\
 # Supported architectures
@@ -48,6 +49,42 @@ canonical names. Probes ask for canonical sites; they never name a module path.
 - **Parallel**: whether attention and MLP read the same input and add to the residual
   stream together.
 
+Beyond the residual stream and the components, probes read these sites (constructors in
+`probescope`; shapes as the reduction receives them):
+
+- `resid_mid(l)`: the residual stream between block `l`'s attention and its MLP,
+  `(batch, token, d_model)`. Only sequential blocks have one; asking a parallel family
+  is an error at validation that says why.
+- `attention(l)`: attention probabilities, `(batch, head, query, key)`, as the model
+  multiplies values by them (after Gemma 2's score soft cap). SDPA and flash attention
+  compute none, so when any probe of a run reads this site the runner runs that model
+  with eager attention for the run and puts its previous implementation back afterwards
+  (a model passed in too). Batches are right-padded: padding keys carry probability
+  exactly 0 (causal masking hides them from every real query), and the rows of padded
+  queries are NaN, so a reduction that forgets `batch.mask` shows NaN rather than a
+  plausible number. A model whose attention class was fixed at load (older
+  transformers, GPT-J with flash attention) gives an error, never None or zeros.
+- `head_output(l)`: each head's result before the output projection mixes heads (the
+  input of `attn.o`), `(batch, token, head, head_dim)`.
+- `mlp_hidden(l)`: the MLP's neurons (the input of `mlp.down`): `act(up)`, or
+  `act(gate) * up` in gated MLPs, `(batch, token, d_mlp)`.
+- `rotary_q(l)`, `rotary_k(l)`: queries and keys as the attention scores use them, after
+  rotary position embedding (and Phi's optional q/k norms): the query and key handed to
+  the attention function, read through nnsight's `.source` of the attention module.
+  Queries are `(batch, token, head, head_dim)`; keys are `(batch, token, kv_head,
+  head_dim)`, one per key/value head and not repeated under grouped-query attention
+  (query head `h` reads key head `ModelLayout.heads(l).kv_head[h]`). Families without
+  rotary positions (GPT-2, OPT) have none; the table says per family which features
+  are rotated.
+- `resid_final()`: the stream the output layer reads: the last block's output after the
+  final norm (and OPT-350m's `project_out`, narrower than `d_model`).
+- `logits()`: the logits the model returns, `(batch, token, vocab)` (after Gemma 2's
+  final soft cap).
+
+Other sites hold whatever the model computed at padded positions; mask them with
+`batch.mask`. A site a family lacks is a `SiteError` naming the family, the site and the
+reason, raised when the configuration is validated, before any weights load.
+
 A family not listed works for residual-stream probes when its model entry names the
 block list (`blocks = "transformer.h"`). To support a family fully, subclass
 `probescope.ArchitectureAdapter` in your own package and register it with the
@@ -81,6 +118,64 @@ def _mlp_cell(adapter: ArchitectureAdapter) -> str:
     return text
 
 
+def _documented(adapter: ArchitectureAdapter, method: str) -> str | None:
+    """The docstring of ``method`` where the adapter overrides it (it says what the
+    override does, for the docs), else None."""
+    own = getattr(type(adapter), method)
+    if own is getattr(ArchitectureAdapter, method):
+        return None
+    return (own.__doc__ or "").strip() or "family-specific"
+
+
+def _resid_mid_mark(adapter: ArchitectureAdapter) -> str:
+    for config, mark in ((SimpleNamespace(), "yes"), (SimpleNamespace(use_parallel_residual=False), "if sequential")):
+        try:
+            adapter.resid_mid_port(config)
+            return mark
+        except SiteError:
+            continue
+    return "no: parallel"
+
+
+def _site_cells(adapter: ArchitectureAdapter) -> dict[str, str]:
+    """Markdown per site: where this family's adapter reads it, or why it has none."""
+    parts = adapter.components(SimpleNamespace(hidden_size=1, num_attention_heads=1, intermediate_size=1))
+    attention = f"`{adapter.attention_path}`" if adapter.attention_path else None
+    resid_mid = _documented(adapter, "resid_mid_port")
+    if resid_mid is None:
+        resid_mid = (f"`{adapter.mlp_norm_path}` input" if _resid_mid_mark(adapter) == "yes"
+                     else "none: attention and MLP run in parallel")
+    rotary = adapter.rotary
+    if adapter.scores_call is not None and attention:
+        rotary = f"query and key handed to `{adapter.scores_call[0]}` in {attention}: {rotary}"
+    final = _documented(adapter, "final_stream_path")
+    if final is None:
+        final = f"`{adapter.final_norm_path}` output" if adapter.final_norm_path else "the last block's output"
+    return {
+        "resid_mid": resid_mid,
+        "attention": f"{attention} output 1, eager" if attention else "not named",
+        "head_output": f"`{parts['attn.o'].module}` input, split into heads" if "attn.o" in parts else "not named",
+        "mlp_hidden": f"`{parts['mlp.down'].module}` input" if "mlp.down" in parts else "not named",
+        "rotary_q, rotary_k": rotary,
+        "resid_final": final,
+    }
+
+
+def site_overview(adapters: Iterable[ArchitectureAdapter]) -> str:
+    """Markdown: one row per adapter, which of the sites beyond the components it has."""
+    head = ["adapter", "`resid_mid`", "`attention`", "`head_output`", "`mlp_hidden`", "`rotary_q`, `rotary_k`",
+            "`resid_final`", "`logits`"]
+    out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for adapter in sorted(adapters, key=lambda a: a.name):
+        named = adapter.attention_path is not None
+        cells = [f"[`{adapter.name}`](#{adapter.name})", _resid_mid_mark(adapter), "yes" if named else "no",
+                 "yes" if "attn.o" in adapter.component_modules else "no",
+                 "yes" if "mlp.down" in adapter.component_modules else "no",
+                 "yes" if named and adapter.scores_call else "no", "yes", "yes"]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def overview(adapters: Iterable[ArchitectureAdapter]) -> str:
     """Markdown: one row per adapter, which components it has and how."""
     head = ["adapter", "model_type", *(f"`{c}`" for c in COMPONENTS), "parallel"]
@@ -110,6 +205,8 @@ def table(adapters: Iterable[ArchitectureAdapter]) -> str:
         out.append(f"| final norm | {final} (beside the block list) |")
         out.append(f"| MLP, with the norm in front of it | {_mlp_cell(adapter)} |")
         out.append(f"| attention and MLP in parallel | {parallel} |")
+        for site, cell in _site_cells(adapter).items():
+            out.append(f"| {', '.join(f'`{s}`' for s in site.split(', '))} | {cell} |")
         out.append("")
     return "\n".join(out)
 
@@ -125,7 +222,7 @@ def builtin_adapters() -> list[ArchitectureAdapter]:
 def page(adapters: Iterable[ArchitectureAdapter] | None = None) -> str:
     """The whole ``docs/architectures.md`` for ``adapters`` (default: the built-in ones)."""
     adapters = list(builtin_adapters() if adapters is None else adapters)
-    return INTRO + "\n" + overview(adapters) + "\n" + table(adapters)
+    return INTRO + "\n" + overview(adapters) + "\n" + site_overview(adapters) + "\n" + table(adapters)
 
 
 if __name__ == "__main__":
