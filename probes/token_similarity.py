@@ -40,6 +40,13 @@ class TokenSimilarityParameters(Parameters):
         "mean token vector (raw cosine in real models is dominated by one shared direction)",
     )
 
+    centre_without_first_token: bool = Field(
+        default=False,
+        description="centred_cosine: subtract the mean of the tokens after the first. Trained "
+        "models give the first token massive activations (SmolLM2: a norm a hundred times the "
+        "others'), which otherwise set the mean, so that every later token looks alike",
+    )
+
     @field_validator("layers")
     @classmethod
     def _not_empty(cls, layers: list[LayerSpec] | None) -> list[LayerSpec] | None:
@@ -63,16 +70,23 @@ def resolve_layers(layers: list[LayerSpec] | None, num_layers: int) -> list[int]
     return out
 
 
-def similarity_matrix(hidden: torch.Tensor, mask: torch.Tensor, metric: str) -> torch.Tensor:
+def similarity_matrix(hidden: torch.Tensor, mask: torch.Tensor, metric: str,
+                      centre_without_first_token: bool = False) -> torch.Tensor:
     """``(batch, token, token)`` similarities of a ``(batch, token, width)`` tensor.
 
     Entry ``[b, i, j]`` compares token i with token j; it is NaN unless j <= i and both
-    are real tokens. Computed in float32 at least, whatever the model's dtype.
+    are real tokens. Computed in float32 at least, whatever the model's dtype. With
+    ``centre_without_first_token`` the centring mean leaves out position 0 (in prompts
+    of two or more tokens).
     """
     h = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
     real = mask.to(h.dtype).unsqueeze(-1)  # (batch, token, 1)
     if metric == "centred_cosine":
-        mean = (h * real).sum(dim=1, keepdim=True) / real.sum(dim=1, keepdim=True)
+        weight = real
+        if centre_without_first_token:
+            weight = real.clone()
+            weight[:, 0] = torch.where(real.sum(dim=1) > 1, 0.0, weight[:, 0])
+        mean = (h * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True)
         h = h - mean
     unit = torch.nn.functional.normalize(h, dim=-1)
     sims = unit @ unit.transpose(1, 2)
@@ -101,10 +115,10 @@ class TokenSimilarity(Probe):
         return problems
 
     def reads(self, params: TokenSimilarityParameters, model) -> list[Read]:
-        metric = params.metric
+        metric, skip_first = params.metric, params.centre_without_first_token
 
         def reduce(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
-            return similarity_matrix(hidden, batch.mask, metric)
+            return similarity_matrix(hidden, batch.mask, metric, skip_first)
 
         return [
             Read(str(layer), embed() if layer == EMBED_LAYER else resid(layer), reduce)
@@ -153,7 +167,8 @@ class TokenSimilarity(Probe):
                 "token_id": (("prompt", "token"), ids, {"description": "-1 on padding"}),
                 "context_token_text": (("prompt", "context_token"), texts.copy()),
             },
-            attrs={"metric": params.metric},
+            attrs={"metric": params.metric,
+                   "centre_without_first_token": int(params.centre_without_first_token)},
         )
 
 

@@ -259,7 +259,7 @@ prompts = {REAL_PROMPTS!r}
 [[probes]]
 use = "token_similarity"
 layers = ["embed", 0, 3, 7, 11, 15, 19, 23, 27, 29]
-metric = "centred_cosine"
+metric = "cosine"
 
 [[probes]]
 use = "component_norm"
@@ -271,10 +271,12 @@ use = "head_classifier"
 [[renderers]]
 use = "similarity_grid"
 output = "token_similarity.png"
+layers = ["embed", 3, 11, 19, 29]
 
 [[renderers]]
 use = "component_heatmap"
 output = "component_norm.png"
+shared_scale = true        # one colour means one norm in both models
 
 [[renderers]]
 use = "head_category_map"

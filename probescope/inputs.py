@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from probescope.errors import InputError
+from probescope.tokens import clean_token
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,12 @@ class Batch:
 
 
 def token_label(tokenizer: Any, token_id: int) -> str:
-    """How a token reads to a person: its decoded text, else its vocabulary entry."""
+    """How a token reads to a person: its decoded text, else its vocabulary entry with
+    the tokenizer's markers cleaned (a byte token or part of a UTF-8 character as
+    ``\\xe2`` escapes, see :func:`probescope.tokens.clean_token`)."""
     text = tokenizer.decode([token_id])
     if text == "" or "\ufffd" in text:
-        text = tokenizer.convert_ids_to_tokens(token_id)
+        text = clean_token(str(tokenizer.convert_ids_to_tokens(token_id)))
     return str(text)
 
 

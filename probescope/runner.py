@@ -284,10 +284,18 @@ def draw(plan: Plan, outcome: Outcome, model_order: Sequence[str]) -> None:
             outcome.fail("", "renderer", task.renderer.name, exc)
 
 
+#: How figures are written for papers: PDF (and PostScript) embed TrueType (Type 42)
+#: fonts, which journals accept and editors can change, instead of Type 3; SVG keeps text
+#: as text elements instead of paths.
+FIGURE_RC = {"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none"}
+
+
 def save_figure(figure: Any, path: Path) -> Path:
     """Write a matplotlib figure atomically, in the format its extension names."""
+    import matplotlib
+
     fmt = path.suffix.lower().lstrip(".")
-    with results.atomic_path(path) as tmp:
+    with results.atomic_path(path) as tmp, matplotlib.rc_context(FIGURE_RC):
         figure.savefig(tmp, format=fmt, bbox_inches="tight", dpi=200)
     return path
 

@@ -2,12 +2,21 @@
 
 It draws the datasets of the ``component_norm`` probe (one per model): one panel per
 model, layers on the y axis with layer 0 at the bottom, the seven canonical components
-(``attn.q`` ... ``mlp.gate``) on the x axis in canonical order, and a diverging colour map
-running blue -> white -> orange, centred on the middle of the data. What "the middle" is:
-by default the **median of the finite values drawn** in the panel (in every panel, with
-``shared_scale``), so half the cells are bluish and half orange whatever the statistic's
-range; ``center`` fixes it instead (``center = 0`` for a signed statistic, ``1`` for a
-ratio). A colour bar labelled with the statistic explains the colours.
+(``attn.q`` ... ``mlp.gate``) on the x axis in canonical order, and a colour bar labelled
+with the statistic.
+
+Colours are chosen to show a trained model's structure at a glance:
+
+- **Sequential** (viridis, dark to light) for the statistics, which are all non-negative;
+  **diverging** (blue -> white -> orange) only around a centre: ``center`` given, or
+  ``normalize = "component"``, which divides each component's column by its median over
+  layers, so the centre 1 is "typical for this component" and each column shows its own
+  profile over depth whatever its size.
+- A **log scale** for norms (``scale = "auto"``: whenever every value drawn is positive
+  and the statistic is a norm; a trained model's norms span orders of magnitude).
+- **Robust limits**: the colour scale runs between the 1st and 99th ``percentiles`` of
+  the values drawn, so one outlier cannot wash the rest out; cells beyond get the end
+  colours and the colour bar grows arrows on the side where values were cut.
 
 A component the model family does not have (GPT-2 has no ``mlp.gate``; ``present`` is
 False and the value NaN) is drawn hatched, never as a colour, and a legend says so: absent
@@ -35,12 +44,12 @@ import math
 import textwrap
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import matplotlib
 import numpy as np
 import xarray as xr
-from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm
+from matplotlib.colors import LinearSegmentedColormap, Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
@@ -66,6 +75,9 @@ BLUE_WHITE_ORANGE = LinearSegmentedColormap.from_list(
     "probescope_blue_white_orange",
     ["#2166ac", "#67a9cf", "#d1e5f0", "#ffffff", "#fee0b6", "#fdb863", "#e66101"],
 )
+
+#: The default colour map without a centre: sequential, perceptually uniform, readable in grey.
+SEQUENTIAL_CMAP = "viridis"
 
 #: Colour bar labels of the probe's statistics, for datasets without ``long_name``.
 STATISTIC_LABELS = {
@@ -105,22 +117,39 @@ class ComponentHeatmapParameters(Parameters):
     center: Optional[float] = Field(
         None,
         allow_inf_nan=False,
-        description="The value drawn white, where the colour map turns from blue to "
-        "orange. Default: the median of the finite values drawn in the panel (in all "
-        "panels with `shared_scale`).",
+        description="Draw on a diverging blue -> white -> orange map, white at this value "
+        "(0 for a signed statistic, 1 for a ratio). Default: none, a sequential map; 1 with "
+        "`normalize = \"component\"`.",
     )
     vmin: Optional[float] = Field(
         None,
         allow_inf_nan=False,
-        description="Bottom of the colour scale (darkest blue). Default: the smallest value "
-        "drawn; when nothing lies below the centre, the centre minus the distance from "
-        "the centre to the top, so the scale stays symmetric.",
+        description="Bottom of the colour scale. Default: the lower of `percentiles` of the "
+        "values drawn (mirrored about a centre when nothing lies below it).",
     )
     vmax: Optional[float] = Field(
         None,
         allow_inf_nan=False,
-        description="Top of the colour scale (darkest orange). Default: the largest value "
-        "drawn; when nothing lies above the centre, mirrored like `vmin`.",
+        description="Top of the colour scale. Default: the upper of `percentiles` of the "
+        "values drawn (mirrored about a centre when nothing lies above it).",
+    )
+    percentiles: tuple[float, float] = Field(
+        (1.0, 99.0),
+        description="The default colour limits, as percentiles (0-100) of the values drawn: "
+        "values beyond them get the end colours and the colour bar an arrow. (0, 100) "
+        "spans every value.",
+    )
+    scale: Literal["auto", "linear", "log"] = Field(
+        "auto",
+        description="Colour scale: \"log\" (every value must be positive), \"linear\", or "
+        "\"auto\": log for norms (activation, weight, gradient) when every value drawn is "
+        "positive, linear otherwise.",
+    )
+    normalize: Literal["none", "component"] = Field(
+        "none",
+        description="\"component\": divide each component's values by their median over "
+        "the layers drawn, so every column shows its own profile over depth, 1 being "
+        "typical for that component (drawn diverging around 1).",
     )
     shared_scale: bool = Field(
         False,
@@ -164,11 +193,24 @@ class ComponentHeatmapParameters(Parameters):
     def _check_cmap(cls, cmap: Optional[str]) -> Optional[str]:
         if cmap is None:
             return None
-        return known_colormap(cmap, "use a diverging one such as 'RdBu_r', 'PuOr_r' or 'coolwarm', "
-                                    "or leave `cmap` out for the default blue -> white -> orange")
+        return known_colormap(cmap, "use a sequential one such as 'viridis' or 'magma', a "
+                                    "diverging one such as 'RdBu_r' with `center`, or leave `cmap` out")
+
+    @field_validator("percentiles")
+    @classmethod
+    def _check_percentiles(cls, percentiles: tuple[float, float]) -> tuple[float, float]:
+        low, high = percentiles
+        if not (0.0 <= low < high <= 100.0):
+            raise ValueError(f"percentiles {list(percentiles)} must be two numbers 0 <= low < high <= 100")
+        return percentiles
 
     @model_validator(mode="after")
     def _check_limits(self) -> "ComponentHeatmapParameters":
+        if self.scale == "log":
+            bad = [f"{name} ({value})" for name, value in (("vmin", self.vmin), ("center", self.center),
+                                                           ("vmax", self.vmax)) if value is not None and value <= 0]
+            if bad:
+                raise ValueError(f"{', '.join(bad)} must be positive on a log scale")
         if self.vmin is not None and self.vmax is not None and self.vmin >= self.vmax:
             raise ValueError(f"vmin ({self.vmin}) must be below vmax ({self.vmax})")
         if self.center is not None:
@@ -193,6 +235,8 @@ class _Panel:
     values: np.ndarray  # (layer, component) floats; NaN where there is nothing to colour
     absent: np.ndarray  # (layer, component) bool: the model does not have the component
     label: str  # colour bar label
+    statistic: Optional[str] = None  # the probe's statistic, when the dataset says
+    raw: Optional[np.ndarray] = None  # the values as given, when `values` is transformed
 
     @property
     def drawn(self) -> np.ndarray:
@@ -237,8 +281,9 @@ class ComponentHeatmapRenderer(Renderer):
         """
         params = coerce_parameters(ComponentHeatmapParameters, params)
         panels = _panels(datasets)
-        norms = _norms(panels, params)
-        return _draw(panels, norms, params)
+        log = _transform(panels, params)
+        norms = _norms(panels, params, log)
+        return _draw(panels, norms, params, log)
 
 
 # --------------------------------------------------------------------------------------
@@ -362,7 +407,9 @@ def _panel(
             layers = [layer for layer, k in zip(layers, keep) if k]
             values, gone = values[keep], gone[keep]
 
-    return _Panel(model, layers, list(columns), values, gone, _statistic_label(ds))
+    statistic = ds["value"].attrs.get("statistic") or ds.attrs.get("statistic")
+    return _Panel(model, layers, list(columns), values, gone, _statistic_label(ds),
+                  str(statistic) if statistic else None)
 
 
 def _statistic_label(ds: xr.Dataset) -> str:
@@ -384,8 +431,51 @@ def _statistic_label(ds: xr.Dataset) -> str:
 # Colour scales
 
 
-def _norms(panels: list[_Panel], params: ComponentHeatmapParameters) -> list[TwoSlopeNorm]:
-    """One norm per panel; the very same object for all of them with ``shared_scale``."""
+#: Statistics that are norms: drawn on a log scale by default (``scale = "auto"``).
+NORM_STATISTICS = ("activation_norm", "weight_norm", "grad_norm")
+
+
+def _transform(panels: list[_Panel], params: ComponentHeatmapParameters) -> bool:
+    """Normalise per component and take log10 in place, as asked; True when the colours
+    are on a log scale (the panels' ``values`` then hold log10 of ``raw``)."""
+    for panel in panels:
+        panel.raw = panel.values.copy()
+        if params.normalize == "component":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+                median = np.nanmedian(np.where(panel.values > 0, panel.values, np.nan), axis=0)
+            panel.values = panel.values / np.where(median > 0, median, np.nan)
+            panel.raw = panel.values.copy()
+            panel.label = f"{panel.label} / the component's median over layers"
+    drawn = np.concatenate([panel.drawn for panel in panels])
+    if params.scale == "log":
+        if (drawn <= 0).any():
+            raise ComponentHeatmapError(
+                f"scale = \"log\" needs positive values, but {int((drawn <= 0).sum())} value(s) drawn "
+                f"are zero or negative (smallest {drawn.min():.3g}); use scale = \"linear\""
+            )
+        log = True
+    elif params.scale == "auto":
+        norms = params.normalize == "component" or all(p.statistic in NORM_STATISTICS for p in panels)
+        log = bool(norms and drawn.size and (drawn > 0).all())
+    else:
+        log = False
+    if log:
+        for panel in panels:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                panel.values = np.log10(panel.values)
+    return log
+
+
+def _center(params: ComponentHeatmapParameters) -> Optional[float]:
+    if params.center is not None:
+        return params.center
+    return 1.0 if params.normalize == "component" else None
+
+
+def _norms(panels: list[_Panel], params: ComponentHeatmapParameters, log: bool) -> list[Normalize]:
+    """One norm per panel, on the panels' (transformed) values; the very same object for
+    all of them with ``shared_scale``."""
     if params.shared_scale:
         labels = {panel.label for panel in panels}
         if len(labels) > 1:
@@ -396,9 +486,39 @@ def _norms(panels: list[_Panel], params: ComponentHeatmapParameters) -> list[Two
                 "shared_scale, or each statistic in its own figure"
             )
         values = np.concatenate([panel.drawn for panel in panels])
-        norm = TwoSlopeNorm(*_scale(values, params))
+        norm = _norm(values, params, log)
         return [norm] * len(panels)
-    return [TwoSlopeNorm(*_scale(panel.drawn, params)) for panel in panels]
+    return [_norm(panel.drawn, params, log) for panel in panels]
+
+
+def _norm(values: np.ndarray, params: ComponentHeatmapParameters, log: bool) -> Normalize:
+    """A TwoSlopeNorm around the centre, else a plain Normalize between robust limits;
+    user values are in data units and move to log10 on a log scale."""
+    def t(v: Optional[float]) -> Optional[float]:
+        return None if v is None else (math.log10(v) if log else v)
+
+    center = t(_center(params))
+    vmin, vmax = t(params.vmin), t(params.vmax)
+    values = values[np.isfinite(values)]
+    low_p, high_p = params.percentiles
+    if center is not None:
+        robust = values
+        if values.size and (low_p, high_p) != (0.0, 100.0):
+            lo, hi = np.percentile(values, [low_p, high_p])
+            robust = np.clip(values, lo, hi)
+        return TwoSlopeNorm(*_scale(robust, center, vmin, vmax))
+    if values.size:
+        lo, hi = (float(v) for v in np.percentile(values, [low_p, high_p]))
+    else:
+        lo, hi = 0.0, 1.0
+    lo = vmin if vmin is not None else lo
+    hi = vmax if vmax is not None else hi
+    if not lo < hi:
+        if vmax is None:
+            hi = lo + _pad(lo)
+        else:
+            lo = hi - _pad(hi)
+    return Normalize(lo, hi)
 
 
 def _pad(x: float) -> float:
@@ -406,40 +526,19 @@ def _pad(x: float) -> float:
     return 0.1 * abs(x) if x != 0 else 1.0
 
 
-def _scale(values: np.ndarray, params: ComponentHeatmapParameters) -> tuple[float, float, float]:
+def _scale(values: np.ndarray, center: float, vmin: Optional[float], vmax: Optional[float]) -> tuple[float, float, float]:
     """``(vcenter, vmin, vmax)`` with ``vmin < vcenter < vmax``, as TwoSlopeNorm needs.
 
-    The user's ``center``, ``vmin`` and ``vmax`` are kept as given (the parameters'
-    validation keeps them in order). The centre defaults to the median of the finite
-    values; the ends to the values' extent. A default end that does not lie strictly
-    beyond the centre (no value below the median, all values equal, no values at all)
-    mirrors the other end about the centre, so the scale stays linear; when both ends
-    coincide with the centre they move a tenth of its size (or 1 around 0) away.
+    The user's ``vmin`` and ``vmax`` are kept as given (the parameters' validation keeps
+    them in order around ``center``); a centre outside them moves to their middle. The
+    ends default to the values' extent. A default end that does not lie strictly beyond
+    the centre (nothing below it, all values equal, no values at all) mirrors the other
+    end about the centre, so the scale stays linear; when both ends coincide with the
+    centre they move a tenth of its size (or 1 around 0) away.
     """
     values = values[np.isfinite(values)]
-    vmin, vmax = params.vmin, params.vmax
-
-    center = params.center
-    if center is None:
-        if values.size:
-            center = float(np.median(values))
-        elif vmin is not None and vmax is not None:
-            center = (vmin + vmax) / 2
-        elif vmin is not None:
-            center = vmin + _pad(vmin)
-        elif vmax is not None:
-            center = vmax - _pad(vmax)
-        else:
-            center = 0.0
-        # A median outside the user's limits moves inside them.
-        if vmin is not None and vmax is not None:
-            if not vmin < center < vmax:
-                center = (vmin + vmax) / 2
-        elif vmin is not None and center <= vmin:
-            center = vmin + _pad(vmin)
-        elif vmax is not None and center >= vmax:
-            center = vmax - _pad(vmax)
-
+    if vmin is not None and vmax is not None and not vmin < center < vmax:
+        center = (vmin + vmax) / 2
     low = vmin if vmin is not None else min(float(values.min()), center) if values.size else center
     high = vmax if vmax is not None else max(float(values.max()), center) if values.size else center
     if not low < center:  # only a default vmin can be here
@@ -497,7 +596,7 @@ def _layout(panels: list[_Panel], params: ComponentHeatmapParameters) -> _Layout
 
 
 def _draw(
-    panels: list[_Panel], norms: list[TwoSlopeNorm], params: ComponentHeatmapParameters
+    panels: list[_Panel], norms: list[Normalize], params: ComponentHeatmapParameters, log: bool = False
 ) -> Figure:
     layout = _layout(panels, params)
     n = len(panels)
@@ -515,7 +614,10 @@ def _draw(
     fig_h = n_rows * cell_h + legend_h + (0.45 if params.title else 0.1)
     figure = Figure(figsize=(fig_w, fig_h), layout="constrained")
 
-    base = matplotlib.colormaps[params.cmap] if params.cmap else BLUE_WHITE_ORANGE
+    if params.cmap:
+        base = matplotlib.colormaps[params.cmap]
+    else:
+        base = BLUE_WHITE_ORANGE if _center(params) is not None else matplotlib.colormaps[SEQUENTIAL_CMAP]
     cmap = base.with_extremes(bad=NO_VALUE_FACE)
 
     spec = figure.add_gridspec(n_rows, n_cols)
@@ -526,9 +628,9 @@ def _draw(
         axes.append(ax)
         image = _draw_panel(ax, panel, norm, cmap, layout, first=i % n_cols == 0)
         if not shared:
-            _colorbar(figure, image, [ax], panel.label, layout.height)
+            _colorbar(figure, image, [ax], panel.label, layout.height, _extend(norm, [panel]), log)
     if shared:
-        _colorbar(figure, image, axes, panels[0].label, layout.height * n_rows)
+        _colorbar(figure, image, axes, panels[0].label, layout.height * n_rows, _extend(norms[0], panels), log)
 
     handles = []
     if has_absent:
@@ -550,7 +652,7 @@ def _draw(
     return figure
 
 
-def _draw_panel(ax, panel: _Panel, norm: TwoSlopeNorm, cmap, layout: _Layout, first: bool):
+def _draw_panel(ax, panel: _Panel, norm: Normalize, cmap, layout: _Layout, first: bool):
     n_layers, n_comp = panel.values.shape
     data = np.ma.masked_invalid(panel.values)
     image = ax.imshow(
@@ -599,6 +701,7 @@ def _draw_panel(ax, panel: _Panel, norm: TwoSlopeNorm, cmap, layout: _Layout, fi
                 if not np.isfinite(v):
                     continue
                 red, green, blue, _ = cmap(norm(v))
+                v = panel.raw[r, j] if panel.raw is not None else v
                 dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
                 ax.text(
                     j, r, _format_value(v), ha="center", va="center",
@@ -627,16 +730,51 @@ def _layer_ticks(ax, layers: list[int], height: float) -> None:
     ax.yaxis.set_major_formatter(FuncFormatter(label))
 
 
-def _colorbar(figure: Figure, image, axes: list, label: str, length: float) -> None:
+def _extend(norm: Normalize, panels: list[_Panel]) -> str:
+    """Which ends of the colour bar get an arrow: where values drawn lie beyond the limits."""
+    values = np.concatenate([panel.drawn for panel in panels])
+    if not values.size:
+        return "neither"
+    low, high = values.min() < norm.vmin, values.max() > norm.vmax
+    return {(True, True): "both", (True, False): "min", (False, True): "max"}.get((low, high), "neither")
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """log10 positions of round values (1, 2, 5 times a power of ten) between 10**lo and 10**hi,
+    thinned to at most seven; the ends when fewer than two fall inside."""
+    for mantissas in ((1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9)):
+        ticks = [math.log10(m * 10.0 ** e) for e in range(math.floor(lo) - 1, math.ceil(hi) + 1) for m in mantissas]
+        ticks = [t for t in ticks if lo - 1e-9 <= t <= hi + 1e-9]
+        if len(ticks) >= 3:
+            break
+    while len(ticks) > 7:
+        ticks = ticks[::2]
+    return ticks if len(ticks) >= 2 else [lo, hi]
+
+
+def _colorbar(figure: Figure, image, axes: list, label: str, length: float, extend: str = "neither",
+              log: bool = False) -> None:
     colorbar = figure.colorbar(
-        image, ax=axes, location="right", fraction=0.08, aspect=25, pad=0.03
+        image, ax=axes, location="right", fraction=0.08, aspect=25, pad=0.03, extend=extend,
+        extendfrac=0.04,
     )
-    # The two halves of the scale stretch differently, so ticks spaced evenly in value
-    # would crowd one half: put the ends, the centre and the middle of each half.
     norm = image.norm
-    lo, mid, hi = float(norm.vmin), float(norm.vcenter), float(norm.vmax)
-    colorbar.set_ticks([lo, (lo + mid) / 2, mid, (mid + hi) / 2, hi])
-    colorbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _format_value(v)))
+    lo, hi = float(norm.vmin), float(norm.vmax)
+    if log:
+        colorbar.set_ticks(_log_ticks(lo, hi))
+        colorbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _format_value(10.0 ** v)))
+        colorbar.ax.minorticks_off()
+    elif isinstance(norm, TwoSlopeNorm):
+        # The two halves of the scale stretch differently, so ticks spaced evenly in value
+        # would crowd one half: put the ends, the centre and the middle of each half.
+        mid = float(norm.vcenter)
+        colorbar.set_ticks([lo, (lo + mid) / 2, mid, (mid + hi) / 2, hi])
+        colorbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _format_value(v)))
+    else:
+        colorbar.ax.yaxis.set_major_locator(MaxNLocator(nbins=6))
+        colorbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _format_value(v)))
+    if log:
+        label = f"{label} (log scale)"
     chars = max(12, int(0.95 * length * 72 / (8.5 * 0.55)))
     colorbar.set_label(textwrap.fill(label, chars), fontsize=8.5, parse_math=False)
     colorbar.ax.tick_params(labelsize=7.5)

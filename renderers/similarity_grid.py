@@ -5,6 +5,16 @@ one row per model, one column per chosen layer, each panel a lower-triangular he
 the similarity between token ``i`` (row, top to bottom) and each earlier or equal
 context token ``j <= i`` (column, left to right). Every panel shares one colour scale,
 explained by a single labelled colour bar; the prompt's text is shown beside the grid.
+
+Cosine similarity is signed, so the default colour map is diverging (red above 0, blue
+below, white at 0) on limits symmetric about 0. The limits come from the pairs of
+*distinct* tokens: the diagonal (a token against itself, always 1) is drawn but does not
+set the top of the scale, and by default neither does the first token, whose massive
+activations in trained models (its norm is a hundred times the others' in SmolLM2) make
+it unlike every other token; values beyond the limits get the end colours and the colour
+bar an arrow. Token labels are cleaned of tokenizers' markers: GPT-2's ``Ġ`` and
+SentencePiece's ``▁`` become spaces (then trimmed), byte tokens (``<0xE2>``, or byte-level
+characters of an incomplete UTF-8 sequence) become ``\xe2``.
 Only the prompt's real tokens are drawn: padding added to batch prompts never appears.
 
 The question the figure answers: do token representations become more alike with depth,
@@ -38,6 +48,7 @@ from probescope.errors import PluginError
 from probescope.plugins import hookimpl
 from probescope.probe import Parameters
 from probescope.probes.token_similarity import EMBED_LAYER, resolve_layers
+from probescope.tokens import clean_token
 from probescope.renderer import (
     Renderer,
     coerce_parameters,
@@ -102,18 +113,30 @@ class SimilarityGridParameters(Parameters):
     vmin: Optional[float] = Field(
         None,
         allow_inf_nan=False,
-        description="Bottom of the shared colour scale. Default: the smallest value drawn.",
+        description="Bottom of the shared colour scale. Default: minus the top (`symmetric`), "
+        "else the smallest similarity of two distinct tokens.",
     )
     vmax: Optional[float] = Field(
         None,
         allow_inf_nan=False,
-        description="Top of the shared colour scale. Default: the largest value drawn "
-        "(1.0, a token against itself, when the diagonal is shown).",
+        description="Top of the shared colour scale. Default: the largest |similarity| of "
+        "two distinct tokens (`symmetric`), else the largest; never the diagonal's 1.",
+    )
+    symmetric: bool = Field(
+        True,
+        description="Default limits symmetric about 0, so that 0 is the diverging map's "
+        "white. False: the default limits span the values drawn (pick a sequential `cmap`).",
+    )
+    first_token_in_limits: bool = Field(
+        False,
+        description="Let the first token's similarities set the default limits. Off by "
+        "default: trained models give the first token massive activations that make it "
+        "unlike every other token (it is still drawn).",
     )
     cmap: str = Field(
-        "YlOrRd",
-        description="Name of a matplotlib colour map; sequential light-to-dark ones "
-        "(YlOrRd, Blues, viridis_r) read best.",
+        "RdBu_r",
+        description="Name of a matplotlib colour map; the default diverging red-blue suits "
+        "signed similarity with `symmetric` limits.",
     )
     show_diagonal: bool = Field(
         True,
@@ -388,6 +411,20 @@ def _metric_label(rows: list[_Row]) -> str:
     return _METRIC_LABELS.get(metric, f"{metric.replace('_', ' ')} similarity")
 
 
+def _limit_values(row: _Row, panel: _Panel, params: SimilarityGridParameters) -> np.ndarray:
+    """The values that set the default limits: distinct tokens only (below the
+    diagonal), without the first token unless asked (and unless nothing else is left)."""
+    data = panel.data.filled(np.nan)
+    below = np.tril(np.ones(data.shape, dtype=bool), k=-1)
+    if not params.first_token_in_limits and row.n_tokens > 2:
+        below[:, 0] = False
+    values = data[below]
+    values = values[np.isfinite(values)]
+    if values.size == 0:  # one or two tokens: only the diagonal (or one pair) to go by
+        values = panel.data.compressed()
+    return values
+
+
 def _norm(rows: list[_Row], params: SimilarityGridParameters) -> Normalize:
     drawn = [panel.data.compressed() for row in rows for panel in row.panels]
     values = np.concatenate(drawn) if drawn else np.array([])
@@ -395,9 +432,19 @@ def _norm(rows: list[_Row], params: SimilarityGridParameters) -> Normalize:
         raise SimilarityGridError(
             f"prompt {params.prompt}: no similarity values to draw (every value is NaN)"
         )
+    basis = np.concatenate([_limit_values(row, panel, params) for row in rows for panel in row.panels])
     low, high = float(values.min()), float(values.max())
-    vmin = params.vmin if params.vmin is not None else low
-    vmax = params.vmax if params.vmax is not None else high
+    if params.symmetric:
+        top = float(np.abs(basis).max()) or 1.0
+        default_low, default_high = -top, top
+    else:
+        default_low, default_high = float(basis.min()), float(basis.max())
+    if params.vmin is not None and params.vmax is None and params.symmetric:
+        default_high = max(default_high, -params.vmin)
+    if params.vmax is not None and params.vmin is None and params.symmetric:
+        default_low = min(default_low, -params.vmax)
+    vmin = params.vmin if params.vmin is not None else default_low
+    vmax = params.vmax if params.vmax is not None else default_high
     if vmin >= vmax:
         if params.vmin is None and params.vmax is None:  # every value drawn is the same
             vmin, vmax = (vmax - 1.0, vmax) if vmax > 0 else (vmin, vmin + 1.0)
@@ -412,6 +459,13 @@ def _norm(rows: list[_Row], params: SimilarityGridParameters) -> Normalize:
                 "give vmin as well, or a larger vmax"
             )
     return Normalize(vmin=vmin, vmax=vmax)
+
+
+def _extend(rows: list[_Row], norm: Normalize) -> str:
+    """Colour bar arrows on the sides where drawn values lie beyond the limits."""
+    values = np.concatenate([panel.data.compressed() for row in rows for panel in row.panels])
+    low, high = values.min() < norm.vmin - 1e-6, values.max() > norm.vmax + 1e-6
+    return {(True, True): "both", (True, False): "min", (False, True): "max"}.get((bool(low), bool(high)), "neither")
 
 
 # --------------------------------------------------------------------------------------
@@ -501,7 +555,8 @@ def _draw(
                 ax.set_title(panel.title, fontsize=10, pad=4)
 
     colorbar = grid_fig.colorbar(
-        image, ax=axes, location="right", shrink=min(1.0, 0.35 + 0.3 * n_rows), aspect=30, pad=0.02
+        image, ax=axes, location="right", shrink=min(1.0, 0.35 + 0.3 * n_rows), aspect=30, pad=0.02,
+        extend=_extend(rows, norm), extendfrac=0.04,
     )
     colorbar.set_label(metric, fontsize=9)
     colorbar.ax.tick_params(labelsize=8)
@@ -541,23 +596,21 @@ def _draw_prompt(
 
 
 def _display_token(text: str, limit: int = _TOKEN_LABEL_CHARS) -> str:
-    """A token's text as a readable tick label: control characters escaped, a token of
-    only spaces shown as open boxes, long tokens shortened."""
+    """A token's text as a readable tick label: markers cleaned (:func:`clean_token`),
+    surrounding spaces trimmed, control characters escaped, a token of only spaces shown
+    as open boxes, long tokens shortened."""
+    text = clean_token(text)
     if text == "":
         return "∅"
     if text.strip(" ") == "":
         shown = "␣" * len(text)
     else:
         shown = "".join(
-            ch if ch == " " or ch.isprintable() else repr(ch)[1:-1] for ch in text
+            ch if ch == " " or ch.isprintable() else repr(ch)[1:-1] for ch in text.strip(" ")
         )
     if len(shown) > limit:
         shown = shown[: limit - 1] + "…"
     return shown
-
-
-
-
 
 
 @hookimpl

@@ -185,7 +185,7 @@ def test_layer_zero_at_the_bottom(renderer, tmp_path):
     # One component: layer 0 far below the median (blue), the top layer far above (orange).
     values = [[0.0], [5.0], [5.0], [10.0]]
     ds = make_dataset(components=["attn.q"], absent=(), values=values)
-    figure = render(renderer, [ds])
+    figure = render(renderer, [ds], center=5.0)
     (ax,) = panels(figure)
     image = ax.images[0]
     assert image.origin == "lower"
@@ -222,7 +222,7 @@ def test_canonical_component_order(renderer):
     # Each column holds its component's values, each row its layer's.
     image = ax.images[0].get_array()
     expected = ds["value"].sel(layer=[0, 1, 2], component=list(COMPONENTS)).values
-    np.testing.assert_array_equal(image.filled(np.nan), expected)
+    np.testing.assert_allclose(image.filled(np.nan), np.log10(expected))  # norms: log scale
     assert tick_texts(ax.get_yticklabels()) == ["0", "1", "2"]
 
 
@@ -276,37 +276,88 @@ def test_a_missing_value_is_not_absent(renderer):
     assert any("no value" in t for t in texts)
 
 
-def test_norm_centred_on_the_median(renderer):
+LOG_WEIGHT_NORM = WEIGHT_NORM + " (log scale)"
+
+
+def robust_limits(values, low=1.0, high=99.0):
+    finite = np.asarray(values, dtype=float).ravel()
+    finite = finite[np.isfinite(finite)]
+    return tuple(np.percentile(np.log10(finite), [low, high]))  # percentiles of what is drawn
+
+
+def test_default_norm_is_sequential_log_and_robust(renderer):
     ds = make_dataset(absent=("mlp.gate",))
-    (ax,) = panels(render(renderer, [ds]))
+    figure = render(renderer, [ds])
+    (ax,) = panels(figure)
     norm = ax.images[0].norm
-    assert isinstance(norm, TwoSlopeNorm)
-    finite = ds["value"].values[np.isfinite(ds["value"].values)]
-    assert norm.vcenter == pytest.approx(np.median(finite))
-    assert norm.vmin == pytest.approx(finite.min())
-    assert norm.vmax == pytest.approx(finite.max())
+    assert not isinstance(norm, TwoSlopeNorm)  # no centre: a sequential map
+    assert ax.images[0].cmap.name.startswith("viridis")
+    assert (norm.vmin, norm.vmax) == pytest.approx(robust_limits(ds["value"].values))
+    (bar,) = colorbar_axes(figure)
+    assert " ".join(bar.get_ylabel().split()) == LOG_WEIGHT_NORM
+
+
+def test_one_outlier_does_not_wash_out_the_rest(renderer):
+    values = 10.0 + np.arange(70.0).reshape(10, 7)  # 10 .. 79
+    values[3, 2] = 1e4
+    ds = make_dataset(values=values, absent=(), layers=range(10))
+    figure = render(renderer, [ds], scale="linear", percentiles=(2, 98))
+    (ax,) = panels(figure)
+    norm = ax.images[0].norm
+    assert norm.vmax < 100  # the outlier is beyond the top, drawn in the end colour
+    assert (norm.vmin, norm.vmax) == pytest.approx(tuple(np.percentile(values, [2, 98])))
+    (bar,) = colorbar_axes(figure)
+    assert ax.images[0].colorbar.extend == "both"
+    # Spanning everything: no arrows, the outlier sets the top.
+    (ax,) = panels(render(renderer, [ds], scale="linear", percentiles=(0, 100)))
+    assert ax.images[0].norm.vmax == 1e4 and ax.images[0].colorbar.extend == "neither"
+
+
+def test_log_scale_needs_positive_values(renderer):
+    ds = make_dataset(values=np.linspace(0.0, 3.0, 28).reshape(4, 7), absent=())
+    with pytest.raises(ComponentHeatmapError, match="positive values.*1 value"):
+        render(renderer, [ds], scale="log")
+    (ax,) = panels(render(renderer, [ds]))  # auto: linear, since a value is 0
+    assert ax.images[0].norm.vmin == pytest.approx(np.percentile(ds["value"].values, 1))
+    with pytest.raises(pydantic.ValidationError, match="positive on a log scale"):
+        ComponentHeatmapParameters(scale="log", vmin=0.0)
+
+
+def test_per_component_normalisation(renderer):
+    # Columns of very different size, each growing over depth the same way.
+    values = np.outer([1.0, 2.0, 4.0, 8.0], [1.0, 10.0, 100.0, 1000.0, 1.0, 1.0, 1.0])
+    ds = make_dataset(values=values, absent=())
+    figure = render(renderer, [ds], normalize="component")
+    (ax,) = panels(figure)
+    image = ax.images[0].get_array().filled(np.nan)
+    expected = np.log10(values / np.median(values, axis=0))  # the same profile in every column
+    np.testing.assert_allclose(image, expected, atol=1e-12)
+    norm = ax.images[0].norm
+    assert isinstance(norm, TwoSlopeNorm) and norm.vcenter == pytest.approx(0.0)  # centred on 1
+    (bar,) = colorbar_axes(figure)
+    assert "median over layers" in bar.get_ylabel()
 
 
 def test_given_center_and_limits(renderer):
     ds = make_dataset(values=np.linspace(1.0, 3.0, 28).reshape(4, 7), absent=())
-    (ax,) = panels(render(renderer, [ds], center=2.5))
+    linear = dict(scale="linear", percentiles=(0, 100))
+    (ax,) = panels(render(renderer, [ds], center=2.5, **linear))
     norm = ax.images[0].norm
     assert (norm.vmin, norm.vcenter, norm.vmax) == pytest.approx((1.0, 2.5, 3.0))
 
     # A centre below every value: the empty blue half mirrors the orange one.
-    (ax,) = panels(render(renderer, [ds], center=0.0))
+    (ax,) = panels(render(renderer, [ds], center=0.0, **linear))
     norm = ax.images[0].norm
     assert (norm.vmin, norm.vcenter, norm.vmax) == pytest.approx((-3.0, 0.0, 3.0))
 
-    (ax,) = panels(render(renderer, [ds], vmin=0.0, vmax=10.0))
+    (ax,) = panels(render(renderer, [ds], vmin=0.0, vmax=10.0, **linear))
     norm = ax.images[0].norm
     assert (norm.vmin, norm.vmax) == (0.0, 10.0)
-    assert norm.vmin < norm.vcenter < norm.vmax
 
-    # A median outside the user's limits moves to their middle.
-    (ax,) = panels(render(renderer, [ds], vmin=5.0, vmax=7.0))
+    # On a log scale the user's values are in data units.
+    (ax,) = panels(render(renderer, [ds], center=2.0, vmin=1.0, vmax=4.0))
     norm = ax.images[0].norm
-    assert (norm.vmin, norm.vcenter, norm.vmax) == pytest.approx((5.0, 6.0, 7.0))
+    assert (norm.vmin, norm.vcenter, norm.vmax) == pytest.approx((0.0, np.log10(2.0), np.log10(4.0)))
 
 
 def test_one_colour_bar_per_panel(renderer):
@@ -316,14 +367,14 @@ def test_one_colour_bar_per_panel(renderer):
     assert [ax.get_title() for ax in heatmaps] == ["gpt2", "llama"]
     bars = colorbar_axes(figure)
     assert len(bars) == 2
-    assert [ax.get_ylabel() for ax in bars] == [WEIGHT_NORM, WEIGHT_NORM]
+    assert [" ".join(ax.get_ylabel().split()) for ax in bars] == [LOG_WEIGHT_NORM, LOG_WEIGHT_NORM]
     assert all(ax.images[0].colorbar is not None for ax in heatmaps)
-    # Each its own scale: centred on its own median.
+    # Each its own scale: its own robust limits.
     first, second = (ax.images[0].norm for ax in heatmaps)
     assert first is not second
     for ax, ds in zip(heatmaps, datasets):
-        finite = ds["value"].values[np.isfinite(ds["value"].values)]
-        assert ax.images[0].norm.vcenter == pytest.approx(np.median(finite))
+        norm = ax.images[0].norm
+        assert (norm.vmin, norm.vmax) == pytest.approx(robust_limits(ds["value"].values))
 
 
 def test_shared_scale(renderer):
@@ -332,13 +383,11 @@ def test_shared_scale(renderer):
     heatmaps = panels(figure)
     bars = colorbar_axes(figure)
     assert len(bars) == 1
-    assert bars[0].get_ylabel() == WEIGHT_NORM
+    assert " ".join(bars[0].get_ylabel().split()) == LOG_WEIGHT_NORM
     norm = heatmaps[0].images[0].norm
     assert heatmaps[1].images[0].norm is norm
     everything = np.concatenate([ds["value"].values.ravel() for ds in datasets])
-    finite = everything[np.isfinite(everything)]
-    assert norm.vcenter == pytest.approx(np.median(finite))
-    assert (norm.vmin, norm.vmax) == pytest.approx((finite.min(), finite.max()))
+    assert (norm.vmin, norm.vmax) == pytest.approx(robust_limits(everything))
     assert figure.get_suptitle() == "Weight norms"
 
 
@@ -348,8 +397,8 @@ def test_shared_scale_refuses_different_statistics(renderer):
     with pytest.raises(ComponentHeatmapError, match="different ones.*'a'.*'b'"):
         render(renderer, [a, b], shared_scale=True)
     # Each on its own scale is fine, each colour bar with its own label.
-    labels = [ax.get_ylabel() for ax in colorbar_axes(render(renderer, [a, b]))]
-    assert labels == [WEIGHT_NORM, "norm of the loss gradient"]
+    labels = [" ".join(ax.get_ylabel().split()) for ax in colorbar_axes(render(renderer, [a, b]))]
+    assert labels == [LOG_WEIGHT_NORM, "norm of the loss gradient (log scale)"]
 
 
 def test_label_falls_back_to_the_statistic(renderer):
@@ -420,10 +469,16 @@ def test_degenerate_data(renderer, values):
     figure = render(renderer, [make_dataset(values=values, absent=())], annotate=True)
     draw(figure)
     norm = panels(figure)[0].images[0].norm
-    assert norm.vmin < norm.vcenter < norm.vmax
+    assert norm.vmin < norm.vmax
     finite = values[np.isfinite(values)]
+    center = float(np.median(finite)) if finite.size else 0.0
+    figure = render(renderer, [make_dataset(values=values, absent=())], annotate=True, center=center,
+                    scale="linear", percentiles=(0, 100))
+    draw(figure)
+    norm = panels(figure)[0].images[0].norm
+    assert norm.vmin < norm.vcenter < norm.vmax
     if finite.size:
-        assert norm.vcenter == pytest.approx(np.median(finite))
+        assert norm.vcenter == pytest.approx(center)
         assert norm.vmin <= finite.min() and finite.max() <= norm.vmax
 
 

@@ -33,6 +33,11 @@ def words(text: str) -> list[str]:
     return re.findall(r"\s?\S+", text)
 
 
+def label_texts(text: str) -> list[str]:
+    """The tick labels of :func:`words`: surrounding spaces trimmed."""
+    return [w.strip() for w in words(text)]
+
+
 def pieces(text: str) -> list[str]:
     """A finer 'tokenizer' (another model's vocabulary): pieces of at most 3 letters."""
     return re.findall(r"\s?[A-Za-z]{1,3}|\s?[^\sA-Za-z]", text)
@@ -149,7 +154,7 @@ def test_registers_through_the_hook():
 
 def test_parameter_defaults_and_validation():
     params = SimilarityGridParameters()
-    assert params.prompt == 0 and params.layers is None and params.cmap == "YlOrRd"
+    assert params.prompt == 0 and params.layers is None and params.cmap == "RdBu_r"
     assert SimilarityGridParameters(layers=[1, "embed", "last"]).layers == (1, "embed", "last")
     with pytest.raises(pydantic.ValidationError, match="layerz"):
         SimilarityGridParameters(layerz=[1])  # unknown keys are errors
@@ -190,13 +195,21 @@ def test_two_models_four_layers(renderer, two_models):
     assert bars[0].ax.get_ylabel() == "cosine similarity"
     assert [ax for ax in figure.axes if not ax.images] == [bars[0].ax]
 
-    # One shared colour scale: from the smallest value drawn to the largest (1.0).
+    # One shared colour scale, symmetric about 0, set by the pairs of distinct tokens
+    # after the first: neither the diagonal's 1 nor the first token sets it.
     limits = {im.get_clim() for ax in heatmaps for im in ax.images}
     assert len(limits) == 1
-    drawn = np.concatenate([ax.images[0].get_array().compressed() for ax in heatmaps])
+    off = []
+    for ax in heatmaps:
+        data = ax.images[0].get_array().filled(np.nan)
+        below = np.tril(np.ones(data.shape, dtype=bool), k=-1)
+        below[:, 0] = False
+        off.append(data[below])
+    top = np.nanmax(np.abs(np.concatenate(off)))
     low, high = limits.pop()
-    assert low == pytest.approx(drawn.min())
-    assert high == pytest.approx(1.0)
+    assert (low, high) == pytest.approx((-top, top))
+    assert high < 1.0
+    assert colorbars(figure)[0].extend in ("max", "both")  # the diagonal's 1 lies beyond
     assert all(ax.images[0].norm is heatmaps[0].images[0].norm for ax in heatmaps)
 
     # The prompt's text is shown beside the grid.
@@ -263,7 +276,7 @@ def test_padding_is_never_drawn(renderer, two_models):
         assert not np.isnan(image.compressed()).any()
         assert ax.get_xlim() == (-0.5, n - 0.5)
         labels = [t.get_text() for t in ax.get_xticklabels()]
-        assert labels == [str(t) for t in ds["token_text"].sel(prompt=1).values[:n]]
+        assert labels == [str(t).strip() for t in ds["token_text"].sel(prompt=1).values[:n]]
         assert "" not in labels
 
 
@@ -280,7 +293,7 @@ def test_one_model_one_layer(renderer):
 def test_token_labels_on_both_axes(renderer):
     figure = render(renderer, [make_dataset()], layers=[0, 1])
     first, second = panels(figure)
-    tokens = words(PROMPTS[0])
+    tokens = label_texts(PROMPTS[0])
     assert [t.get_text() for t in first.get_yticklabels()] == tokens
     assert [t.get_text() for t in first.get_xticklabels()] == tokens
     assert [t.get_text() for t in second.get_xticklabels()] == tokens
@@ -304,7 +317,7 @@ def test_token_labels_hidden_beyond_the_limit(renderer, two_models):
     assert int(two_models[0]["n_tokens"][0]) == 6
     assert int(two_models[1]["n_tokens"][0]) == 7
     # "small" has 6 tokens: labelled; "large" has 7: token positions instead.
-    assert [t.get_text() for t in small.get_xticklabels()] == words(PROMPTS[0])
+    assert [t.get_text() for t in small.get_xticklabels()] == label_texts(PROMPTS[0])
     draw(figure)
     for labels in (large.get_xticklabels(), large.get_yticklabels()):
         shown = [t.get_text() for t in labels if t.get_text()]
@@ -392,7 +405,7 @@ def test_netcdf_round_trip(renderer, tmp_path):
     with xr.open_dataset(path) as ds:
         figure = render(renderer, [ds], layers=[0, 3])
     assert len(panels(figure)) == 2
-    assert [t.get_text() for t in panels(figure)[0].get_xticklabels()] == words(PROMPTS[0])
+    assert [t.get_text() for t in panels(figure)[0].get_xticklabels()] == label_texts(PROMPTS[0])
 
 
 @pytest.mark.parametrize("suffix", [".png", ".svg", ".pdf"])
@@ -474,3 +487,15 @@ def test_negative_layers_count_from_each_models_end(renderer):
     shallow.attrs["num_layers"] = 12  # the dataset holds only some of the model's blocks
     with pytest.raises(SimilarityGridError, match="no layer -1"):
         render(renderer, [shallow], layers=[-1])
+
+
+def test_pdf_embeds_truetype_fonts_and_svg_keeps_text(renderer, tmp_path):
+    from probescope.runner import save_figure
+
+    figure = render(renderer, [make_dataset()], layers=[0])
+    pdf = save_figure(figure, tmp_path / "grid.pdf").read_bytes()
+    assert b"/FontFile2" in pdf  # Type 42: the TrueType font program embedded
+    assert b"/Subtype /CIDFontType2" in pdf or b"/Subtype /TrueType" in pdf
+    assert b"/Subtype /Type3" not in pdf
+    svg = save_figure(figure, tmp_path / "grid.svg").read_text()
+    assert "<text" in svg and "Layer 0" in svg

@@ -106,3 +106,25 @@ def test_diagonal_is_one_and_upper_triangle_nan(llama, tokenizer):
     n = int(ds.n_tokens[0])
     np.testing.assert_allclose(np.diag(sim)[:n], 1.0, atol=1e-5)
     assert np.isnan(sim[np.triu_indices(sim.shape[0], k=1)]).all()
+
+
+def test_centre_without_first_token_matches_plain_computation():
+    import torch
+
+    from probescope.probes.token_similarity import similarity_matrix
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 8, dtype=torch.float64)
+    h[:, 0] *= 1000.0  # a massive first token
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    got = similarity_matrix(h, mask, "centred_cosine", centre_without_first_token=True)
+    for b, n in enumerate([5, 3]):
+        x = h[b, :n] - h[b, 1:n].mean(0)
+        u = x / x.norm(dim=-1, keepdim=True)
+        expected = (u @ u.T).tril()
+        assert torch.allclose(torch.nan_to_num(got[b, :n, :n]).tril(), expected)
+    plain = similarity_matrix(h, mask, "centred_cosine")
+    # With the first token in the mean, every later token points away from it: all alike.
+    assert plain[0, 2:, 1].min() > 0.99 and got[0, 2:, 1].max() < 0.9
+    one = similarity_matrix(h[:, :1], mask[:, :1], "centred_cosine", centre_without_first_token=True)
+    assert one.shape == (2, 1, 1)  # a one-token prompt keeps its only token in the mean
