@@ -334,7 +334,7 @@ def test_the_switch_restores_the_previous_implementation_even_on_error():
 
 
 class AttentionProbe(probescope.Probe):
-    """Reads block 0's attention and keeps it whole (for the test only)."""
+    """Reads block 0's attention and keeps what it read, whole (for the tests only)."""
 
     name = "attention_keeper"
 
@@ -345,7 +345,7 @@ class AttentionProbe(probescope.Probe):
     def build(self, params, run):
         import xarray as xr
 
-        self.seen = run.reductions["a"]
+        self.seen = run.reductions  # key -> one tensor per batch
         return xr.Dataset()
 
 
@@ -366,7 +366,7 @@ def test_a_run_reading_attention_switches_a_passed_in_model_to_eager_and_back(ll
     probescope.run(config, models={"m": (llama, tokenizer)}, write=False, plugins=[("local", Plugin(probe))])
     assert llama.config._attn_implementation == "sdpa"  # given back as it came
     assert not any("forward" in m.__dict__ for m in llama.modules())  # nnsight's controllers removed
-    [probs] = probe.seen
+    [probs] = probe.seen["a"]
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     for row, ids in enumerate(encoded):
         llama.set_attn_implementation("eager")
@@ -427,3 +427,34 @@ def test_every_adapter_places_or_refuses_every_site_by_name():
             assert site.module == "" or model.get_submodule(site.module) is not None
         with pytest.raises(SiteError, match=rf"has no site attention\[{LAYERS}\]: layer {LAYERS} is out of range"):
             adapter.site(attention(LAYERS), blocks, model.config)
+
+
+def test_a_base_model_has_no_logits_and_that_probe_fails_alone(llama, tokenizer):
+    """A bare LlamaModel (no output layer): the logits reader fails with the reason, a
+    probe reading resid_final on the same pass still gets the final norm's output."""
+    base = llama.model
+
+    class Reader(AttentionProbe):
+        def __init__(self, name, site):
+            self.name, self.site = name, site
+
+        def reads(self, params, model):
+            return [Read("x", self.site, lambda x, batch: x.clone())]
+
+    final, logit_reader = Reader("final_reader", resid_final()), Reader("logit_reader", logits())
+
+    class Both:
+        @probescope.hookimpl
+        def register_probes(self, register):
+            register(final)
+            register(logit_reader)
+
+    config = {"inputs": {"prompts": ["a b c"]}, "probes": [{"use": "final_reader"}, {"use": "logit_reader"}]}
+    with pytest.raises(probescope.RunFailed) as info:
+        probescope.run(config, models={"m": (base, tokenizer)}, write=False, plugins=[("local", Both())])
+    [failure] = info.value.failures
+    assert failure["name"] == "logit_reader" and "without logits: it has no output layer" in failure["error"]
+    ids = torch.tensor([tokenizer("a b c")["input_ids"]])
+    with torch.no_grad():
+        want = base(ids).last_hidden_state  # LlamaModel's last hidden state is after the final norm
+    torch.testing.assert_close(final.seen["x"][0], want, **CLOSE)
