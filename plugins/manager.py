@@ -153,6 +153,8 @@ def load_registry(extra_plugins: Iterable[tuple[str, Any]] = ()) -> Registry:
             continue
         origins[ep.name] = origin
     for name, plugin in extra_plugins:
+        if manager.is_registered(plugin):  # installed too, and already loaded from its entry point
+            continue
         manager.register(plugin, name=name)
         origins[name] = Origin(name, "<local>", "")
     for kind in KINDS:

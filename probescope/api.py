@@ -30,7 +30,10 @@ def run(
         removes it again, and restores the training flag, when the run ends, so your model
         comes back as it was.
     :param write: also write datasets and figures under the config's output directory.
-    :param plugins: extra ``(name, plugin)`` pairs, for plugins defined outside a package.
+    :param plugins: extra ``(name, plugin)`` pairs, for plugins defined outside a package
+        (in a notebook or a test): a module or object with ``@probescope.hookimpl``
+        functions, registered for this call only. One that is also installed (the same
+        module object) is used once.
     :raises ConfigError: the configuration is invalid; nothing was run or written.
     :raises RunFailed: some probes or renderers failed; ``.datasets`` holds the others.
     """
@@ -58,9 +61,14 @@ def render(
     renderer: str,
     output: str | Path | None = None,
     registry: Registry | None = None,
+    *,
+    plugins: Iterable[tuple[str, Any]] = (),
     **params: Any,
 ):
     """Draw datasets (or saved files) with a renderer; write the figure when ``output`` is given.
+
+    :param plugins: extra ``(name, plugin)`` pairs, as for :func:`run`: a renderer defined
+        in a notebook or a test, used without installing a package.
 
     :returns: the matplotlib Figure.
     """
@@ -70,7 +78,7 @@ def render(
     bad_output = figure_format_problem(output) if output is not None else None
     if bad_output:
         raise ConfigError(str(output), [Problem("", bad_output)])
-    registry = registry or load_registry()
+    registry = registry or load_registry(plugins)
     plugin = registry.get("renderer", renderer)
     values, problems = config_mod.parameter_problems(plugin, params, ())
     if problems:

@@ -1,4 +1,4 @@
-"""The command line: ``probescope run | render | plugins | demo``.
+"""The command line: ``probescope run | render | plugins | demo | check | schema | new``.
 
 Errors in the user's input print a message (never a traceback) and exit non-zero:
 2 for an invalid configuration, 1 for anything else that failed.
@@ -66,6 +66,11 @@ def _problem(item: str):
 def cmd_plugins(args: argparse.Namespace) -> int:
     from probescope.plugins.manager import KINDS, load_registry
 
+    if args.name:
+        from probescope.commands import print_plugin
+
+        return print_plugin(args.name)
+
     registry = load_registry()
     for kind in KINDS:
         print(f"{kind}s:")
@@ -118,8 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="renderer parameter (TOML value)")
     p.set_defaults(func=cmd_render)
 
-    p = sub.add_parser("plugins", help="list probes, renderers and architectures with their origin")
+    p = sub.add_parser("plugins", help="list probes, renderers and architectures with their origin; "
+                                       "with NAME, that plugin's parameters")
+    p.add_argument("name", nargs="?", help="a probe, renderer or architecture: print its parameters")
     p.set_defaults(func=cmd_plugins)
+
+    from probescope.commands import add_parsers
+
+    add_parsers(sub)
 
     p = sub.add_parser("demo", help="probe a trained SmolLM2-135M and its random-weight twin, offline")
     p.add_argument("--output", "-o", default="probescope-demo", help="folder to write to (default: %(default)s)")
