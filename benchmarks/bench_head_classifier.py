@@ -29,15 +29,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import in_subprocess, measure  # noqa: E402
+from common import in_subprocess, measure, relation_word_tokenizer  # noqa: E402
 
 VOCAB, WIDTH, LAYERS, HEADS = 50257, 768, 12, 12
 
 
 def build(relations: int | None):
     """The model's layout and every shipped relation's pairs as (source, target, k)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     from probescope.architectures.layout import ModelLayout
     from probescope.models import find_adapter
@@ -46,11 +45,7 @@ def build(relations: int | None):
     from probescope.relations import builtin_relations, tokenize_relation
 
     chosen = list(builtin_relations())[:relations]
-    words = ["[UNK]", "a"] + list(dict.fromkeys(w for r in chosen for pair in r.pairs for w in pair))
-    words += [f"filler{i}" for i in range(VOCAB - len(words))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    tokenizer = relation_word_tokenizer(VOCAB, relations)
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS)).eval()

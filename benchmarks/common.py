@@ -78,3 +78,19 @@ def in_subprocess(script: str, what: str, *args: str) -> dict:
     out = subprocess.run([sys.executable, script, "--child", what, *args], check=True,
                          capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def relation_word_tokenizer(vocab: int, relations: int | None = None):
+    """A word-level tokenizer holding every word of the first ``relations`` shipped
+    relations (all by default) as one token, topped up with filler words to ``vocab``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from probescope.relations import builtin_relations
+
+    chosen = list(builtin_relations())[:relations]
+    words = ["[UNK]", "a"] + list(dict.fromkeys(w for r in chosen for pair in r.pairs for w in pair))
+    words += [f"filler{i}" for i in range(vocab - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
