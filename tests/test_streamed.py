@@ -184,3 +184,40 @@ def test_truncated_shard_is_an_error(tmp_path):
     last = max(checkpoint.keys(), key=lambda k: checkpoint.entry(k)["data_offsets"][1])
     with pytest.raises(ModelLoadError, match="ends inside tensor"):
         checkpoint.read(last)
+
+
+def fake_hub(monkeypatch, folder, fetched: list):
+    """hf_hub_download served from a local folder, recording which files were asked for."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def download(repo, name, revision=None):
+        assert (repo, revision) == ("org/tiny", "abc")
+        if not (folder / name).is_file():
+            raise EntryNotFoundError(f"{name} is not in {repo}")
+        fetched.append(name)
+        return str(folder / name)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+
+
+def test_hub_checkpoint_downloads_only_the_shards_it_reads(saved, monkeypatch):
+    folder = saved("llama")
+    fetched: list = []
+    fake_hub(monkeypatch, folder, fetched)
+    checkpoint = Checkpoint.hub("org/tiny", "abc")
+    assert fetched == [INDEX]  # nothing else until a tensor is read
+    key = "model.layers.1.self_attn.v_proj.weight"
+    weight = checkpoint.read(key)
+    assert fetched == [INDEX, checkpoint.weight_map[key]]
+    assert torch.equal(weight, build("llama").model.layers[1].self_attn.v_proj.weight)
+    assert len(set(checkpoint.weight_map.values())) > 2  # the others were never fetched
+
+
+def test_hub_checkpoint_of_one_file(tmp_path, monkeypatch):
+    build("gptj").save_pretrained(tmp_path)
+    fetched: list = []
+    fake_hub(monkeypatch, tmp_path, fetched)
+    checkpoint = Checkpoint.hub("org/tiny", "abc")
+    assert fetched == ["model.safetensors"]
+    assert torch.equal(checkpoint.read("lm_head.weight"), build("gptj").lm_head.weight)
