@@ -59,7 +59,8 @@ Beyond the residual stream and the components, probes read these sites (construc
   multiplies values by them (after Gemma 2's score soft cap). SDPA and flash attention
   compute none, so when any probe of a run reads this site the runner runs that model
   with eager attention for the run and puts its previous implementation back afterwards
-  (a model passed in too). Batches are right-padded: padding keys carry probability
+  (a model passed in too); the other probes sharing that pass see eager attention too,
+  equal to SDPA up to rounding. Batches are right-padded: padding keys carry probability
   exactly 0 (causal masking hides them from every real query), and the rows of padded
   queries are NaN, so a reduction that forgets `batch.mask` shows NaN rather than a
   plausible number. A model whose attention class was fixed at load (older
