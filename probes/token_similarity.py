@@ -17,7 +17,7 @@ from pydantic import Field, StrictInt, field_validator
 
 from probescope.architectures.base import EMBED, embed, resid
 from probescope.errors import Problem
-from probescope.inputs import Batch
+from probescope.inputs import THUMBNAIL_SIDE, TOKEN_KINDS, Batch, thumbnails, token_kind_codes
 from probescope.plugins import hookimpl
 from probescope.probe import Parameters, Probe, ProbeRun, Read
 
@@ -71,11 +71,13 @@ def resolve_layers(layers: list[LayerSpec] | None, num_layers: int) -> list[int]
 
 
 def similarity_matrix(hidden: torch.Tensor, mask: torch.Tensor, metric: str,
-                      centre_without_first_token: bool = False) -> torch.Tensor:
+                      centre_without_first_token: bool = False,
+                      prefix: torch.Tensor | None = None) -> torch.Tensor:
     """``(batch, token, token)`` similarities of a ``(batch, token, width)`` tensor.
 
-    Entry ``[b, i, j]`` compares token i with token j; it is NaN unless j <= i and both
-    are real tokens. Computed in float32 at least, whatever the model's dtype. With
+    Entry ``[b, i, j]`` compares token i with token j; it is NaN unless j <= i (or both
+    are in a bidirectional ``prefix``, ``(batch, token)`` bool) and both are real tokens.
+    Computed in float32 at least, whatever the model's dtype. With
     ``centre_without_first_token`` the centring mean leaves out position 0 (in prompts
     of two or more tokens).
     """
@@ -92,6 +94,8 @@ def similarity_matrix(hidden: torch.Tensor, mask: torch.Tensor, metric: str,
     sims = unit @ unit.transpose(1, 2)
     n = h.shape[1]
     causal = torch.ones(n, n, dtype=torch.bool, device=h.device).tril()
+    if prefix is not None:  # tokens of a bidirectional prefix also see later ones
+        causal = causal | (prefix.unsqueeze(2) & prefix.unsqueeze(1))
     keep = causal & mask.unsqueeze(2) & mask.unsqueeze(1)
     return sims.masked_fill(~keep, float("nan"))
 
@@ -118,7 +122,7 @@ class TokenSimilarity(Probe):
         metric, skip_first = params.metric, params.centre_without_first_token
 
         def reduce(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
-            return similarity_matrix(hidden, batch.mask, metric, skip_first)
+            return similarity_matrix(hidden, batch.mask, metric, skip_first, batch.prefix_mask)
 
         return [
             Read(str(layer), embed() if layer == EMBED_LAYER else resid(layer), reduce)
@@ -143,20 +147,43 @@ class TokenSimilarity(Probe):
             ids[p.index, : len(p)] = p.token_ids
         positions = np.arange(width)
         label = {"cosine": "cosine similarity", "centred_cosine": "centred cosine similarity"}[params.metric]
+        vision = run.model.info.vision
+        bidirectional = vision is not None and vision.bidirectional_prefix
+        description = ("similarity of token i's hidden state with context token j <= i; NaN above the "
+                       "diagonal and over padding")
+        if bidirectional:
+            description += ("; the first n_prefix_tokens tokens (image and prompt) attend to each other "
+                            "both ways, so among them j > i is kept too")
+        variables: dict = {
+            "similarity": (("prompt", "layer", "token", "context_token"), values,
+                           {"long_name": label, "description": description}),
+        }
+        coords: dict = {}
+        images = thumbnails(run.prompts)
+        if images is not None:
+            pixels, sizes = images
+            variables["thumbnail"] = (
+                ("prompt", "pixel_row", "pixel_column", "channel"), pixels,
+                {"long_name": "image thumbnail",
+                 "description": f"each prompt's image, at most {THUMBNAIL_SIDE} px a side, RGB, padded "
+                                "with 0 beyond thumbnail_height x thumbnail_width"})
+            coords["channel"] = ("channel", np.array(["red", "green", "blue"], dtype=object))
+            coords["thumbnail_height"] = ("prompt", sizes[:, 0])
+            coords["thumbnail_width"] = ("prompt", sizes[:, 1])
+            coords["image_file"] = ("prompt", np.array(
+                [p.image.name if p.image is not None else "" for p in run.prompts], dtype=object))
+        if bidirectional:
+            coords["n_prefix_tokens"] = ("prompt", np.array([p.prefix for p in run.prompts], dtype=np.int64),
+                                         {"description": "leading tokens that attend both ways"})
         return xr.Dataset(
-            {
-                "similarity": (
-                    ("prompt", "layer", "token", "context_token"),
-                    values,
-                    {"long_name": label,
-                     "description": "similarity of token i's hidden state with context token j <= i; "
-                                    "NaN above the diagonal and over padding"},
-                ),
-            },
+            variables,
             coords={
                 "prompt": np.arange(len(run.prompts)),
                 "prompt_text": ("prompt", np.array([p.text for p in run.prompts], dtype=object)),
                 "n_tokens": ("prompt", np.array([len(p) for p in run.prompts], dtype=np.int64)),
+                "n_image_tokens": ("prompt", np.array([p.n_image_tokens for p in run.prompts], dtype=np.int64),
+                                   {"description": "tokens standing for the prompt's image"}),
+                **coords,
                 "layer": ("layer", np.array(layers, dtype=np.int64),
                           {"description": "block index (0-based); -1 is the embedding output, "
                                           "the residual stream entering block 0"}),
@@ -166,9 +193,15 @@ class TokenSimilarity(Probe):
                 "token_text": (("prompt", "token"), texts),
                 "token_id": (("prompt", "token"), ids, {"description": "-1 on padding"}),
                 "context_token_text": (("prompt", "context_token"), texts.copy()),
+                "token_kind": (("prompt", "token"), token_kind_codes(run.prompts, width),
+                               {"long_name": "token kind", "flag_values": np.arange(len(TOKEN_KINDS), dtype=np.int8),
+                                "flag_meanings": " ".join(TOKEN_KINDS),
+                                "description": "text, image (the model's image token) or special (other "
+                                               "special and added tokens); -1 on padding"}),
             },
             attrs={"metric": params.metric,
-                   "centre_without_first_token": int(params.centre_without_first_token)},
+                   "centre_without_first_token": int(params.centre_without_first_token),
+                   "attention": "bidirectional prefix" if bidirectional else "causal"},
         )
 
 

@@ -92,6 +92,11 @@ class Inputs(_Strict):
 
     prompts: list[str] = Field(min_length=1)
     batch_size: StrictInt = Field(default=8, ge=1)
+    # For vision-language models: image files paired with prompts by position ("" for a
+    # text-only prompt), relative to the config file; checked in validate().
+    images: list[str] | None = None
+    # Whether each prompt (with its image) goes through the processor's chat template.
+    chat_template: bool = False
 
     @field_validator("prompts")
     @classmethod
@@ -100,6 +105,15 @@ class Inputs(_Strict):
             if not prompt.strip():
                 raise ValueError(f"prompt {i} is empty")
         return prompts
+
+    @model_validator(mode="after")
+    def _one_image_per_prompt(self) -> "Inputs":
+        if self.images is not None and len(self.images) != len(self.prompts):
+            raise ValueError(
+                f"images has {len(self.images)} entries for {len(self.prompts)} prompts; give one per "
+                'prompt, in the same order ("" for a prompt without an image)'
+            )
+        return self
 
 
 class _PluginEntry(BaseModel):
@@ -207,6 +221,8 @@ class Plan:
     renderers: list[RendererTask]
     output_dir: Path
     problems: list[Problem] = field(default_factory=list)  # found so far; see runner.prepare
+    images: list[Any] = field(default_factory=list)  # inputs.Image or None per prompt; empty: none
+    chat_template: bool = False
     #: where entries merged from included files came from (:func:`probescope.config_files.relocate`)
     origins: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
 
@@ -457,6 +473,13 @@ def validate(
         if params is not None:
             renderers.append(RendererTask(renderer, params, probe_label, output_dir / entry.output, i))
 
+    images: list[Any] = []
+    if inputs is not None and inputs.images is not None:
+        from probescope.inputs import read_images
+
+        images, found = read_images(inputs.images, base_dir)
+        problems += [Problem(f"inputs.images[{i}]", message) for i, message in found]
+
     return Plan(
         source=source,
         models=valid_models,
@@ -466,6 +489,8 @@ def validate(
         renderers=renderers,
         output_dir=output_dir,
         problems=problems,
+        images=images,
+        chat_template=inputs.chat_template if inputs is not None else False,
     )
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from probescope.architectures.base import ArchitectureAdapter, BlockListAdapter
+from probescope.architectures.base import ArchitectureAdapter, BlockListAdapter, config_value, get_submodule
 from probescope.errors import ModelLoadError, UnsupportedArchitectureError
 
 if TYPE_CHECKING:
@@ -37,6 +37,41 @@ def _dtype_kwarg() -> str:
     return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
+@dataclass(frozen=True)
+class VisionLanguage:
+    """What sets a vision-language model apart (its config has a ``vision_config``)."""
+
+    config: Any  # the whole model's config; ModelInfo.config is its text decoder's
+    image_token_id: int | None
+    #: the leading image and prompt tokens attend to each other both ways (PaliGemma)
+    bidirectional_prefix: bool
+
+    @property
+    def model_type(self) -> str:
+        return str(getattr(self.config, "model_type", ""))
+
+
+#: Vision-language families whose image and prompt tokens form a bidirectional prefix.
+_BIDIRECTIONAL_PREFIX = ("paligemma",)
+
+
+def vision_language(config: Any) -> VisionLanguage | None:
+    """The vision-language facts of a model config, or None for a text-only model."""
+    if getattr(config, "vision_config", None) is None:
+        return None
+    image_token_id = config_value(config, "image_token_id", "image_token_index")
+    return VisionLanguage(config, int(image_token_id) if image_token_id is not None else None,
+                          getattr(config, "model_type", None) in _BIDIRECTIONAL_PREFIX)
+
+
+def text_config(config: Any) -> Any:
+    """The config of a model's text decoder: the config itself for a text-only model,
+    ``config.get_text_config()`` for a vision-language one."""
+    if getattr(config, "vision_config", None) is not None and hasattr(config, "get_text_config"):
+        return config.get_text_config()
+    return config
+
+
 @dataclass
 class ModelInfo:
     """What is known about a model before its weights load."""
@@ -44,11 +79,12 @@ class ModelInfo:
     name: str
     source: str  # local folder, hub id, or "<in memory: ClassName>"
     revision: str | None
-    config: Any  # transformers PretrainedConfig
+    config: Any  # transformers PretrainedConfig of the text decoder, which the adapter reads
     adapter: ArchitectureAdapter
     num_layers: int
     max_positions: int | None
     dtype: str
+    vision: VisionLanguage | None = None  # set for a vision-language model
 
 
 @dataclass
@@ -59,6 +95,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: Any
     blocks: str  # dotted path of the block list
+    processor: Any = None  # a vision-language model's processor (its tokenizer is `tokenizer`)
 
     @property
     def name(self) -> str:
@@ -126,35 +163,60 @@ def read_config(entry: "ModelEntry") -> Any:
 
 
 def inspect(entry: "ModelEntry", registry: Any) -> ModelInfo:
-    """Read a model's config (no weights) and find its adapter."""
+    """Read a model's config (no weights) and find its adapter (for a vision-language
+    model, its text decoder's family adapter)."""
     source = _source(entry)
     config = read_config(entry)
-    adapter = find_adapter(config, registry, architecture=entry.architecture, blocks=entry.blocks)
+    text = text_config(config)
+    adapter = find_adapter(text, registry, architecture=entry.architecture, blocks=entry.blocks)
     return ModelInfo(
         name=entry.name,
         source=source,
         revision=entry.revision or getattr(config, "_commit_hash", None),
-        config=config,
+        config=text,
         adapter=adapter,
-        num_layers=adapter.num_layers(config),
-        max_positions=adapter.max_positions(config),
+        num_layers=adapter.num_layers(text),
+        max_positions=adapter.max_positions(text),
         dtype=entry.dtype,
+        vision=vision_language(config),
     )
+
+
+def _auto_class(info: ModelInfo) -> Any:
+    """The transformers auto class that builds the model: image-text-to-text for a
+    vision-language model, causal LM otherwise."""
+    import transformers
+
+    return transformers.AutoModelForImageTextToText if info.vision else transformers.AutoModelForCausalLM
+
+
+def find_blocks(model: torch.nn.Module, adapter: ArchitectureAdapter) -> str:
+    """Dotted path of the block list: where the adapter finds it, or, in a
+    vision-language model, inside its text decoder (``model.language_model.layers``)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if getattr(getattr(model, "config", None), "vision_config", None) is not None and decoder is not None:
+        path = next((name for name, module in model.named_modules() if module is decoder), None)
+        try:
+            inner = adapter.blocks(decoder) if path else None
+        except UnsupportedArchitectureError:  # a block path the user named from the root
+            inner = None
+        if inner is not None:
+            return f"{path}.{inner}"
+    return adapter.blocks(model)
 
 
 def check_layout(entry: "ModelEntry", info: ModelInfo, registry: Any) -> None:
     """Build the model's skeleton on the meta device (no memory, no weights) and check
     that its adapter finds the block list, so a wrong ``architecture`` or ``blocks``
     is caught before any weights load."""
-    from transformers import AutoModelForCausalLM
-
+    config = info.vision.config if info.vision else info.config
     try:
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(info.config, trust_remote_code=entry.trust_remote_code)
+            skeleton = _auto_class(info).from_config(config, trust_remote_code=entry.trust_remote_code)
     except Exception:  # a model class that cannot be built this way is checked at load time
         return
     try:
-        info.adapter.blocks(skeleton)
+        find_blocks(skeleton, info.adapter)
     except UnsupportedArchitectureError as exc:
         key = "blocks" if entry.blocks is not None and entry.architecture is None else "architecture"
         model_type = getattr(info.config, "model_type", None)
@@ -186,10 +248,54 @@ def load_tokenizer(entry: "ModelEntry") -> Any:
         raise ModelLoadError(f"model {entry.name!r}: cannot load the tokenizer of {source!r}: {exc}") from exc
 
 
-def load_weights(entry: "ModelEntry") -> torch.nn.Module:
+def load_processor(entry: "ModelEntry") -> Any:
+    """A vision-language model's processor (tokenizer, image processor, chat template).
+
+    Processors that also carry a video processor (Qwen2-VL, SmolVLM) need torchvision
+    for it; without torchvision they are built without one, which serves images.
+    """
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    source = _source(entry)
+    kwargs = _hub_kwargs(entry)
+    try:
+        return AutoProcessor.from_pretrained(source, **kwargs)
+    except Exception as exc:
+        if is_torchvision_available():
+            raise ModelLoadError(f"model {entry.name!r}: cannot load the processor of {source!r}: {exc}") from exc
+        try:  # its video processor needs torchvision: build it without one
+            return images_only_processor(read_config(entry)).from_pretrained(source, **kwargs)
+        except Exception as inner:
+            raise ModelLoadError(f"model {entry.name!r}: cannot load the processor of {source!r}: {exc}; "
+                                 f"nor without torchvision: {inner}") from inner
+
+
+def images_only_processor(config: Any) -> type:
+    """The model's processor class, built without its video processor (which needs
+    torchvision): a subclass that declares only an image processor and a tokenizer."""
+    import inspect as pyinspect
+
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    name = PROCESSOR_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    base = getattr(transformers, name, None) if isinstance(name, str) else None
+    if base is None or "video_processor" not in pyinspect.signature(base.__init__).parameters:
+        raise ModelLoadError(f"no images-only form of the processor for model_type "
+                             f"{getattr(config, 'model_type', None)!r}; install torchvision")
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        base.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                      chat_template=chat_template, **kwargs)
+
+    return type(base.__name__, (base,), {"__init__": __init__, "__doc__": f"{base.__name__} for images only"})
+
+
+def load_weights(entry: "ModelEntry", vision: bool = False) -> torch.nn.Module:
     """The model of an entry with its weights, on its device, in eval mode: safetensors
     only unless the entry allows pickles, remote code only when it allows it."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     source = _source(entry)
     kwargs = _hub_kwargs(entry)
@@ -198,7 +304,7 @@ def load_weights(entry: "ModelEntry") -> torch.nn.Module:
     if entry.device_map is not None:
         kwargs["device_map"] = entry.device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(source, **kwargs)
     except Exception as exc:
         hint = ""
         if entry.use_safetensors and "safetensors" in str(exc).lower():
@@ -212,35 +318,45 @@ def load_weights(entry: "ModelEntry") -> torch.nn.Module:
     return model.eval()
 
 
-def load(entry: "ModelEntry", info: ModelInfo, tokenizer: Any) -> LoadedModel:
+def load(entry: "ModelEntry", info: ModelInfo, tokenizer: Any, processor: Any = None) -> LoadedModel:
     """Load the weights of a model that :func:`inspect` accepted."""
-    model = load_weights(entry)
+    model = load_weights(entry, vision=info.vision is not None)
     if entry.dtype == "auto":
         info.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    return LoadedModel(info, model, tokenizer, info.adapter.blocks(model))
+    return LoadedModel(info, model, tokenizer, find_blocks(model, info.adapter), processor)
 
 
 def from_objects(
     name: str, model: torch.nn.Module, tokenizer: Any, registry: Any, *,
     architecture: str | None = None, blocks: str | None = None,
 ) -> LoadedModel:
-    """Wrap a model the caller already built (Python API)."""
+    """Wrap a model the caller already built (Python API). For a vision-language model,
+    ``tokenizer`` is its processor."""
     config = getattr(model, "config", None)
     if config is None:
         raise ModelLoadError(f"model {name!r}: {type(model).__name__} has no transformers config")
-    adapter = find_adapter(config, registry, architecture=architecture, blocks=blocks)
+    text = text_config(config)
+    vision = vision_language(config)
+    processor = None
+    if vision is not None:
+        if not hasattr(tokenizer, "image_processor"):
+            raise ModelLoadError(f"model {name!r} is a vision-language model: pass its processor "
+                                 f"(transformers AutoProcessor), not a {type(tokenizer).__name__}")
+        processor, tokenizer = tokenizer, tokenizer.tokenizer
+    adapter = find_adapter(text, registry, architecture=architecture, blocks=blocks)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     info = ModelInfo(
         name=name,
         source=getattr(config, "_name_or_path", "") or f"<in memory: {type(model).__name__}>",
         revision=getattr(config, "_commit_hash", None),
-        config=config,
+        config=text,
         adapter=adapter,
-        num_layers=adapter.num_layers(config),
-        max_positions=adapter.max_positions(config),
+        num_layers=adapter.num_layers(text),
+        max_positions=adapter.max_positions(text),
         dtype=dtype,
+        vision=vision,
     )
-    return LoadedModel(info, model.eval(), tokenizer, adapter.blocks(model))
+    return LoadedModel(info, model.eval(), tokenizer, find_blocks(model, adapter), processor)
 
 
 def is_model_folder(path: Path) -> bool:

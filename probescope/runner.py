@@ -34,6 +34,7 @@ class Prepared:
     prompts: list[inputs_mod.Prompt]
     entry: Any = None  # ModelEntry, or None for a model given as an object
     loaded: models_mod.LoadedModel | None = None
+    processor: Any = None  # a vision-language model's processor
 
 
 @dataclass
@@ -67,11 +68,12 @@ def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedMode
     for where, entry, loaded in candidates:
         try:
             if loaded is not None:
-                info, tokenizer = loaded.info, loaded.tokenizer
+                info, tokenizer, processor = loaded.info, loaded.tokenizer, loaded.processor
             else:
                 info = models_mod.inspect(entry, registry)
                 models_mod.check_layout(entry, info, registry)
-                tokenizer = models_mod.load_tokenizer(entry)
+                processor = models_mod.load_processor(entry) if info.vision else None
+                tokenizer = processor.tokenizer if processor is not None else models_mod.load_tokenizer(entry)
         except ProbescopeError as exc:
             key = getattr(exc, "key", None)
             problems.append(Problem(f"{where}.{key}" if key else where, str(exc)))
@@ -81,15 +83,17 @@ def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedMode
             if unavailable:
                 problems.append(Problem(f"{where}.device", unavailable))
         try:
-            prompts = inputs_mod.tokenize(tokenizer, plan.prompts, model_name=info.name)
+            prompts, found = _prompts(plan, info, tokenizer, processor)
         except InputError as exc:
             problems.append(Problem("inputs.prompts", str(exc)))
             continue
+        problems += found
         for prompt in prompts:
             if info.max_positions is not None and len(prompt) > info.max_positions:
+                images = f" ({prompt.n_image_tokens} of them for its image)" if prompt.n_image_tokens else ""
                 problems.append(Problem(
                     f"inputs.prompts[{prompt.index}]",
-                    f"model {info.name!r}: the prompt is {len(prompt)} tokens long, but the model "
+                    f"model {info.name!r}: the prompt is {len(prompt)} tokens long{images}, but the model "
                     f"takes at most {info.max_positions}; shorten it",
                 ))
         for task in plan.probes_for(info.name):
@@ -106,10 +110,30 @@ def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedMode
                 found = task.renderer.check(task.params, prompts=plan.prompts,
                                             probe_params=probe_params[task.probe], model=info)
                 problems += _scoped(f"renderers[{task.index}]", info.name, found)
-        prepared.append(Prepared(info, tokenizer, prompts, entry, loaded))
+        prepared.append(Prepared(info, tokenizer, prompts, entry, loaded, processor))
     if problems:
         raise ConfigError(plan.source, plan.located(problems))
     return prepared
+
+
+def _prompts(plan: Plan, info: models_mod.ModelInfo, tokenizer: Any, processor: Any) -> tuple[list, list[Problem]]:
+    """One model's prompts as tokens: through the processor (images and chat template
+    included) for a vision-language model, through the tokenizer otherwise."""
+    if info.vision is None:
+        found = []
+        if any(image is not None for image in plan.images):
+            found.append(Problem("inputs.images", f"model {info.name!r} is a text-only model and takes no "
+                                                  "images; probe it in a run without images"))
+        if plan.chat_template:
+            found.append(Problem("inputs.chat_template", f"model {info.name!r}: chat templates apply to "
+                                                         "vision-language models only"))
+        return inputs_mod.tokenize(tokenizer, plan.prompts, model_name=info.name), found
+    prompts, found = inputs_mod.process(
+        processor, plan.prompts, plan.images, chat_template=plan.chat_template,
+        model_type=info.vision.model_type, image_token_id=info.vision.image_token_id,
+        bidirectional_prefix=info.vision.bidirectional_prefix,
+    )
+    return prompts, [Problem(f"inputs.prompts[{i}]", f"model {info.name!r}: {message}") for i, message in found]
 
 
 def _needs_prompts(plan: Plan, info: models_mod.ModelInfo) -> list[Problem]:
@@ -238,15 +262,19 @@ def open_model(plan: Plan, prepared: Prepared) -> models_mod.LoadedModel | Strea
             if entry.use_safetensors:
                 raise
             # pickled weights the user allowed: no safetensors to stream, load them whole
-    return models_mod.load(entry, prepared.info, prepared.tokenizer)
+    return models_mod.load(entry, prepared.info, prepared.tokenizer, prepared.processor)
 
 
 def run_model(plan: Plan, prepared: Prepared, registry: Any, outcome: Outcome, write: bool) -> None:
     """Every probe on one model: one trace per batch, then each probe's dataset."""
     name = prepared.info.name
     loaded = open_model(plan, prepared)
-    batches = inputs_mod.batches(prepared.prompts, plan.batch_size,
-                                 pad_id=inputs_mod.pad_id_of(prepared.tokenizer), device=loaded.device)
+    if getattr(loaded, "processor", None) is not None:
+        batches = inputs_mod.processed_batches(loaded.processor, prepared.prompts, plan.batch_size,
+                                               device=loaded.device, dtype=next(loaded.model.parameters()).dtype)
+    else:
+        batches = inputs_mod.batches(prepared.prompts, plan.batch_size,
+                                     pad_id=inputs_mod.pad_id_of(prepared.tokenizer), device=loaded.device)
     tasks = plan.probes_for(name)
     reads = _probe_reads(tasks, prepared.info, outcome)
     reduced = _trace_all(loaded, reads, batches, outcome)

@@ -99,7 +99,8 @@ def run_batch(envoy: Any, steps: list[Step], batch: Batch) -> tuple[dict, dict]:
             # inside the pass, a module already running (its q_proj read) would miss it.
             module.source
     # input_ids goes positionally: nnsight 0.5 finds no batch in keyword-only inputs.
-    kwargs = {"attention_mask": batch.attention_mask, "use_cache": False}
+    # The processor's other tensors (pixels, image grids, token types) go by keyword.
+    kwargs = {"attention_mask": batch.attention_mask, "use_cache": False, **batch.extras}
     with torch.inference_mode():
         with envoy.trace(batch.input_ids, **kwargs) as tracer:
             sink = nnsight.save({owner: {} for owner in owners})

@@ -18,7 +18,7 @@ def test_architecture_page_is_generated_from_the_adapters():
 def test_architecture_page_lists_every_claimed_family():
     names = {adapter.name for adapter in table.builtin_adapters()}
     assert names == {"gpt2", "gpt_neox", "phi", "llama", "mistral", "qwen2", "gemma", "gemma2",
-                     "gptj", "opt", "phi3"}
+                     "gptj", "opt", "phi3", "qwen2_vl"}
     page = table.page()
     for name in names:
         assert f"## `{name}`" in page

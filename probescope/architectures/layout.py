@@ -167,7 +167,8 @@ class ModelLayout:
         self.model = model
         self.adapter = adapter
         self.blocks = blocks
-        self.config = model.config
+        config = model.config  # a vision-language model's adapter reads its text decoder's config
+        self.config = config.get_text_config() if getattr(config, "vision_config", None) is not None else config
         self.components: dict[str, Component] = adapter.components(self.config)
         self.num_layers = len(model.get_submodule(blocks))
         self.parallel = adapter.parallel(self.config)

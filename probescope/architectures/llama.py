@@ -40,8 +40,16 @@ class Qwen2Adapter(LlamaAdapter):
     description = "Qwen2, Qwen2.5 (Qwen2ForCausalLM, Qwen2Model); biases on q, k, v"
 
 
+class Qwen2VLAdapter(Qwen2Adapter):
+    name = "qwen2_vl"
+    model_types = ("qwen2_vl_text", "qwen2_5_vl_text")
+    description = ("the text decoder of Qwen2-VL and Qwen2.5-VL (Qwen2VLTextModel): Qwen2's layout, "
+                   "rotary positions in three sections (time, height, width)")
+
+
 @hookimpl
 def register_architectures(register):
     register(LlamaAdapter())
     register(MistralAdapter())
     register(Qwen2Adapter())
+    register(Qwen2VLAdapter())

@@ -1,0 +1,348 @@
+"""Vision-language models: images in [inputs], the four families' tiny models through
+`probescope run`, checked against output_hidden_states, forward hooks and the processor's
+own image-token positions on separate, unwrapped copies of the same models."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+import probescope
+import vlm_models
+from probescope import cli
+from probescope.inputs import TOKEN_KINDS
+
+PROMPTS = ["Provide a one-sentence caption for the image:", "The cat sat on the mat."]
+#: Where each family's prompt puts its image when written by hand (the test's own table).
+PLACEHOLDER = {"qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+
+
+@pytest.fixture(scope="module")
+def vlms():
+    return {name: build() for name, build in vlm_models.BUILDERS.items()}
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    """Two image files of different shapes, and the folder holding them."""
+    folder = tmp_path_factory.mktemp("pictures")
+    vlm_models.picture(40, 24, seed=1).save(folder / "tall.png")
+    vlm_models.picture(20, 36, seed=2).save(folder / "wide.jpg", quality=95)
+    return folder
+
+
+def images_for(name):
+    """Image per prompt: PaliGemma's processor needs one with every prompt; the others
+    get a text-only second prompt in the same batch."""
+    return ["pictures/tall.png", "pictures/wide.jpg" if name == "paligemma" else ""]
+
+
+def toml_config(name, images, *, layers='["embed", 0, 1, 2]', extra=""):
+    quoted = ", ".join(f'"{x}"' for x in images)
+    prompts = ", ".join(f'"{p}"' for p in PROMPTS)
+    return f"""
+[[models]]
+name = "{name}"
+path = "models/{name}"
+
+[inputs]
+prompts = [{prompts}]
+images = [{quoted}]
+batch_size = 2
+{extra}
+[[probes]]
+use = "token_similarity"
+layers = {layers}
+
+[[probes]]
+use = "component_norm"
+
+[output]
+dir = "out"
+"""
+
+
+@pytest.fixture(scope="module")
+def runs(vlms, pictures, tmp_path_factory):
+    """Every family saved as a model folder and run through `probescope run` with images."""
+    out = {}
+    for name, vlm in vlms.items():
+        root = tmp_path_factory.mktemp(name)
+        vlm.save(root / "models" / name)
+        (root / "pictures").symlink_to(pictures)
+        config = root / "probes.toml"
+        config.write_text(toml_config(name, images_for(name)))
+        assert cli.main(["run", str(config)]) == 0
+        out[name] = {probe: xr.open_dataset(root / "out" / name / f"{probe}.nc").load()
+                     for probe in ("token_similarity", "component_norm")}
+    return out
+
+
+def encode(vlm, name, prompt, image):
+    """The processor's tensors for one prompt, unpadded, written out by hand."""
+    from PIL import Image
+
+    if image is None:
+        return vlm.processor(text=[prompt], return_tensors="pt")
+    pixels = Image.open(image).convert("RGB")
+    text = PLACEHOLDER.get(name, "<image>") + prompt
+    return vlm.processor(text=[text], images=[[pixels]], return_tensors="pt")
+
+
+def reference_states(model, encoded):
+    """Embedding output and every block's output, from output_hidden_states (the last
+    entry has the final norm applied, so the last block is read with a forward hook)."""
+    captured = {}
+    blocks = model.get_decoder().layers
+    handle = blocks[-1].register_forward_hook(lambda m, a, out: captured.setdefault("last", out))
+    inputs = {k: v for k, v in encoded.items() if k != "labels"}
+    try:
+        with torch.no_grad():
+            out = model(**inputs, output_hidden_states=True)
+    finally:
+        handle.remove()
+    last = captured["last"][0] if isinstance(captured["last"], tuple) else captured["last"]
+    return [h[0] for h in out.hidden_states[:-1]] + [last[0]]
+
+
+def reference_similarity(h, prefix=0):
+    """Cosine of every pair j <= i, and of j > i inside a bidirectional prefix."""
+    h = h.double()
+    n = h.shape[0]
+    unit = torch.nn.functional.normalize(h, dim=-1)
+    sims = (unit @ unit.T).numpy()
+    keep = np.tril(np.ones((n, n), dtype=bool))
+    keep[:prefix, :prefix] = True
+    return np.where(keep, sims, np.nan)
+
+
+@pytest.mark.parametrize("name", list(vlm_models.BUILDERS))
+def test_similarity_at_every_layer_matches_output_hidden_states(name, vlms, runs, pictures):
+    vlm, ds = vlms[name], runs[name]["token_similarity"]
+    bare = copy.deepcopy(vlm.model)  # the run loaded its own copy from the folder
+    assert list(ds.layer.values) == [-1, 0, 1, 2]
+    for p, (prompt, image) in enumerate(zip(PROMPTS, images_for(name))):
+        encoded = encode(vlm, name, prompt, pictures / image.split("/")[-1] if image else None)
+        ids = encoded["input_ids"][0]
+        n = len(ids)
+        assert int(ds.n_tokens[p]) == n
+        np.testing.assert_array_equal(ds.token_id[p, :n].values, ids.numpy())
+        prefix = n if name == "paligemma" else 0  # image, BOS, prompt and newline: all prefix
+        states = reference_states(bare, encoded)
+        for li, layer in enumerate(ds.layer.values):
+            expected = reference_similarity(states[layer + 1], prefix)
+            got = ds.similarity.isel(prompt=p, layer=li).values
+            np.testing.assert_allclose(got[:n, :n], expected, atol=2e-5, equal_nan=True)
+            assert np.isnan(got[n:, :]).all() and np.isnan(got[:, n:]).all()
+    if name == "paligemma":
+        assert ds.attrs["attention"] == "bidirectional prefix"
+        assert list(ds.n_prefix_tokens.values) == list(ds.n_tokens.values)
+        upper = ds.similarity.isel(prompt=0, layer=0).values[0, 1]
+        assert np.isfinite(upper)  # the j > i half is kept
+    else:
+        assert ds.attrs["attention"] == "causal" and "n_prefix_tokens" not in ds.coords
+
+
+@pytest.mark.parametrize("name", list(vlm_models.BUILDERS))
+def test_token_kind_matches_the_processors_image_positions(name, vlms, runs, pictures):
+    vlm, ds = vlms[name], runs[name]["token_similarity"]
+    processor = vlm.processor
+    assert ds.token_kind.attrs["flag_meanings"].split() == list(TOKEN_KINDS)
+    kinds = np.array(TOKEN_KINDS + ("",))[ds.token_kind.values]  # -1 (padding) -> ""
+    for p, (prompt, image) in enumerate(zip(PROMPTS, images_for(name))):
+        path = pictures / image.split("/")[-1] if image else None
+        encoded = encode(vlm, name, prompt, path)
+        ids = encoded["input_ids"][0]
+        n = len(ids)
+        image_positions = (ids == processor.image_token_id).numpy()
+        np.testing.assert_array_equal(kinds[p, :n] == "image", image_positions)
+        assert int(ds.n_image_tokens[p]) == image_positions.sum()
+        assert (kinds[p, n:] == "").all()
+        if "mm_token_type_ids" in encoded:  # the processor's own image mask (Qwen2-VL)
+            np.testing.assert_array_equal(kinds[p, :n] == "image", encoded["mm_token_type_ids"][0].numpy() == 1)
+        specials = {t for t, k in zip(ds.token_text[p, :n].values, kinds[p, :n]) if k == "special"}
+        if name == "idefics3" and image:
+            assert {"<fake_token_around_image>", "<global-img>", "<row_1_col_1>"} <= specials
+        if name == "qwen2_vl" and image:
+            assert {"<|vision_start|>", "<|vision_end|>"} <= specials
+    expected_images = {"llava": 16, "idefics3": 5 * 4, "paligemma": 16, "qwen2_vl": 5 * 3}
+    assert int(ds.n_image_tokens[0]) == expected_images[name]
+
+
+def test_thumbnail_is_kept_small_in_uint8(runs, pictures):
+    from PIL import Image
+
+    ds = runs["paligemma"]["token_similarity"]  # two images of different shapes
+    assert ds.thumbnail.dtype == np.uint8
+    assert ds.thumbnail.dims == ("prompt", "pixel_row", "pixel_column", "channel")
+    assert list(ds.image_file.values) == images_for("paligemma")
+    for p, image in enumerate(images_for("paligemma")):
+        expected = Image.open(pictures / image.split("/")[-1]).convert("RGB")
+        expected.thumbnail((128, 128))
+        expected = np.asarray(expected)
+        h, w = int(ds.thumbnail_height[p]), int(ds.thumbnail_width[p])
+        assert (h, w) == expected.shape[:2] and max(h, w) <= 128
+        np.testing.assert_array_equal(ds.thumbnail[p, :h, :w].values, expected)
+        assert not ds.thumbnail[p, h:, :].values.any() and not ds.thumbnail[p, :, w:].values.any()
+    text_only = runs["llava"]["token_similarity"]
+    assert list(text_only.thumbnail_height.values) == [40, 0] and list(text_only.n_image_tokens.values) == [16, 0]
+
+
+def test_big_images_get_a_thumbnail_of_at_most_128_pixels(tmp_path):
+    from probescope.inputs import read_images
+
+    vlm_models.picture(300, 200).save(tmp_path / "big.png")
+    [image], problems = read_images(["big.png"], tmp_path)
+    assert not problems
+    assert image.thumbnail().shape == (128, 85, 3) and image.thumbnail().dtype == np.uint8
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+def test_activation_norm_matches_forward_hooks(name, vlms, runs, pictures):
+    vlm, ds = vlms[name], runs[name]["component_norm"]
+    decoder = vlm.model.get_decoder()
+    parts = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
+             "attn.o": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",
+             "mlp.down": "mlp.down_proj"}
+    sums, count, handles = {}, 0, []
+    for layer in range(3):
+        for component, path in parts.items():
+            def hook(module, args, output, key=(layer, component)):
+                sums[key] = sums.get(key, 0.0) + output.norm(dim=-1).sum().item()
+            handles.append(decoder.layers[layer].get_submodule(path).register_forward_hook(hook))
+    try:
+        for prompt, image in zip(PROMPTS, images_for(name)):
+            encoded = encode(vlm, name, prompt, pictures / image.split("/")[-1] if image else None)
+            with torch.no_grad():
+                vlm.model(**encoded)
+            count += encoded["input_ids"].shape[1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    for (layer, component), total in sums.items():
+        assert ds.value.sel(layer=layer, component=component).item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_chat_template_is_applied_when_asked(vlms, pictures, tmp_path):
+    vlm = vlms["llava"]
+    from PIL import Image
+
+    config = {"inputs": {"prompts": PROMPTS[:1], "images": [str(pictures / "tall.png")], "chat_template": True},
+              "probes": [{"use": "token_similarity", "layers": [0]}]}
+    ds = probescope.run(config, models={"m": (copy.deepcopy(vlm.model), vlm.processor)}, write=False)["m"]["token_similarity"]
+    text = "User:<image> " + PROMPTS[0] + "\nAssistant:"  # CHAT_TEMPLATE written out
+    expected = vlm.processor(text=[text], images=[[Image.open(pictures / "tall.png").convert("RGB")]],
+                             return_tensors="pt")["input_ids"][0]
+    n = len(expected)
+    np.testing.assert_array_equal(ds.token_id[0, :n].values, expected.numpy())
+    assert int(ds.n_tokens[0]) == n
+
+
+def test_chat_template_missing_is_a_config_error(vlms, pictures):
+    vlm = vlms["paligemma"]  # its processor has no chat template
+    config = {"inputs": {"prompts": PROMPTS[:1], "images": [str(pictures / "tall.png")], "chat_template": True},
+              "probes": [{"use": "token_similarity"}]}
+    with pytest.raises(probescope.ConfigError) as info:
+        probescope.run(config, models={"m": (vlm.model, vlm.processor)}, write=False)
+    [problem] = info.value.problems
+    assert problem.location == "inputs.prompts[0]" and "no chat template" in problem.message
+
+
+def test_image_tokens_count_against_the_position_limit(pictures):
+    vlm = vlm_models.llava()
+    vlm.model.config.text_config.max_position_embeddings = 20
+    config = {"inputs": {"prompts": ["a b c d e", "a b c d e"], "images": [str(pictures / "tall.png"), ""]},
+              "probes": [{"use": "token_similarity"}]}
+    with pytest.raises(probescope.ConfigError) as info:
+        probescope.run(config, models={"m": (vlm.model, vlm.processor)}, write=False)
+    [problem] = info.value.problems  # the text-only prompt fits; the one with 16 image tokens does not
+    assert problem.location == "inputs.prompts[0]"
+    assert "(16 of them for its image)" in problem.message and "at most 20" in problem.message
+
+
+def test_bad_image_files_are_config_errors_before_any_model_loads(tmp_path, model_dirs, monkeypatch):
+    from probescope import models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(models, "load_weights", no_loading)
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "folder.png").mkdir()
+    vlm_models.picture().save(tmp_path / "fine.png")
+    (tmp_path / "probes.toml").write_text(f"""
+[[models]]
+name = "m"
+path = "{model_dirs['llama']}"
+
+[inputs]
+prompts = ["a", "b", "c", "d", "e"]
+images = ["missing.png", "notes.png", "folder.png", "fine.png", ""]
+
+[[probes]]
+use = "token_similarity"
+layers = [7]
+""")
+    assert cli.main(["run", str(tmp_path / "probes.toml")]) == 2
+    with pytest.raises(probescope.ConfigError) as info:
+        probescope.run(tmp_path / "probes.toml", write=False)
+    found = {p.location: p.message for p in info.value.problems}
+    # every mistake at once: three bad files, images for a text-only model, a layer it lacks
+    assert set(found) == {"inputs.images[0]", "inputs.images[1]", "inputs.images[2]", "inputs.images",
+                          "probes[0].layers[0]"}
+    assert "no image file at" in found["inputs.images[0]"] and "missing.png" in found["inputs.images[0]"]
+    assert "not an image file" in found["inputs.images[1]"]
+    assert "is a folder" in found["inputs.images[2]"]
+    assert not (tmp_path / "results").exists()
+
+
+def test_images_must_pair_with_prompts(tmp_path):
+    config = {"inputs": {"prompts": ["a", "b"], "images": ["x.png"]}, "probes": [{"use": "token_similarity"}]}
+    with pytest.raises(probescope.ConfigError) as info:
+        probescope.run(config, models={}, write=False)
+    assert any(p.location == "inputs" and "images has 1 entries for 2 prompts" in p.message
+               for p in info.value.problems)
+
+
+def test_a_text_only_model_takes_no_images(gpt2, tokenizer, pictures):
+    config = {"inputs": {"prompts": ["a b", "c d"], "images": [str(pictures / "tall.png"), ""]},
+              "probes": [{"use": "token_similarity"}]}
+    with pytest.raises(probescope.ConfigError) as info:
+        probescope.run(config, models={"m": (gpt2, tokenizer)}, write=False)
+    [problem] = info.value.problems
+    assert problem.location == "inputs.images" and "text-only model" in problem.message
+
+
+def test_text_only_model_datasets_label_token_kinds(gpt2, tokenizer):
+    config = {"inputs": {"prompts": ["<|endoftext|>a b"]}, "probes": [{"use": "token_similarity", "layers": [0]}]}
+    ds = probescope.run(config, models={"m": (gpt2, tokenizer)}, write=False)["m"]["token_similarity"]
+    n = int(ds.n_tokens[0])
+    assert ds.token_kind[0, 0].item() == TOKEN_KINDS.index("special")
+    assert (ds.token_kind[0, 1:n].values == TOKEN_KINDS.index("text")).all()
+    assert int(ds.n_image_tokens[0]) == 0 and "thumbnail" not in ds
+
+
+def test_plain_forward_of_a_llava_model_after_a_run_gives_the_same_output(pictures):
+    from PIL import Image
+
+    vlm = vlm_models.llava(seed=4)
+    encoded = vlm.processor(text=["<image>a b"], images=[[Image.open(pictures / "tall.png").convert("RGB")]],
+                            return_tensors="pt")
+    with torch.no_grad():
+        expected = copy.deepcopy(vlm.model)(**encoded).logits
+    config = {"inputs": {"prompts": ["a b"], "images": [str(pictures / "tall.png")]},
+              "probes": [{"use": "token_similarity"}]}
+    probescope.run(config, models={"m": (vlm.model, vlm.processor)}, write=False)
+    with torch.no_grad():
+        torch.testing.assert_close(vlm.model(**encoded).logits, expected)
+
+
+def test_a_vision_language_model_needs_its_processor(vlms):
+    vlm = vlms["llava"]
+    config = {"inputs": {"prompts": ["a"]}, "probes": [{"use": "token_similarity"}]}
+    with pytest.raises(probescope.ProbescopeError, match="pass its processor"):
+        probescope.run(config, models={"m": (vlm.model, vlm.processor.tokenizer)}, write=False)
