@@ -157,6 +157,11 @@ class SimilarityGridParameters(Parameters):
         "number of tokens and columns.",
     )
     show_prompt: bool = Field(True, description="Show the prompt's text beside the grid.")
+    show_image: bool = Field(
+        True,
+        description="Show the prompt's image (the dataset's thumbnail, when it has one) beside "
+        "the grid, above the prompt, and mark its tokens' spans on the axes.",
+    )
     title: Optional[str] = Field(None, description="Title above the figure; none by default.")
 
     @field_validator("layers")
@@ -209,6 +214,8 @@ class _Row:
     similarity: xr.DataArray  # this prompt's values, dims (layer, token, context_token)
     num_layers: int  # blocks in the model, for negative layer choices
     panels: list[_Panel] = field(default_factory=list)
+    spans: list[tuple[int, int, str]] = field(default_factory=list)  # image tokens: (start, stop, label)
+    thumbnail: Optional[np.ndarray] = None  # (height, width, 3) uint8
 
 
 class SimilarityGridRenderer(Renderer):
@@ -357,7 +364,38 @@ def _row(model: str, ds: xr.Dataset, prompt: int) -> _Row:
     # The model's depth, for negative layer choices; datasets written without it fall
     # back to the deepest block they hold.
     num_layers = int(ds.attrs.get("num_layers", max([v + 1 for v, lab in layers if lab != "embed"], default=0)))
-    return _Row(model, n, tokens, prompt_text, str(metric) if metric else None, layers, similarity, num_layers)
+    row = _Row(model, n, tokens, prompt_text, str(metric) if metric else None, layers, similarity, num_layers)
+    row.spans = _image_spans(one, n)
+    row.thumbnail = _thumbnail(one)
+    return row
+
+
+def _image_spans(one: xr.Dataset, n: int) -> list[tuple[int, int, str]]:
+    """Runs of consecutive image tokens (``token_kind`` 1) among the first ``n`` tokens,
+    as ``(start, stop, label)``: one label per run (an image, or each tile of a split
+    image), never one per token."""
+    if "token_kind" not in one:
+        return []
+    meanings = str(one["token_kind"].attrs.get("flag_meanings", "text image special")).split()
+    if "image" not in meanings:
+        return []
+    image = np.asarray(one["token_kind"].values[:n]) == meanings.index("image")
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], image.astype(np.int8), [0]])))
+    runs = list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+    if len(runs) == 1:
+        return [(runs[0][0], runs[0][1], "image")]
+    return [(start, stop, f"tile {k + 1}") for k, (start, stop) in enumerate(runs)]
+
+
+def _thumbnail(one: xr.Dataset) -> Optional[np.ndarray]:
+    """This prompt's image as kept in the dataset, or None."""
+    if "thumbnail" not in one or "thumbnail_height" not in one or "thumbnail_width" not in one:
+        return None
+    h, w = int(one["thumbnail_height"].values), int(one["thumbnail_width"].values)
+    if h <= 0 or w <= 0:
+        return None
+    return np.asarray(one["thumbnail"].transpose("pixel_row", "pixel_column", "channel").values[:h, :w],
+                      dtype=np.uint8)
 
 
 def _choose_layers(row: _Row, params: SimilarityGridParameters) -> list[tuple[int, str]]:
@@ -545,6 +583,8 @@ def _draw(
                 for axis in (ax.xaxis, ax.yaxis):
                     axis.set_major_locator(MaxNLocator(nbins=5, integer=True, min_n_ticks=2))
                 ax.tick_params(labelsize=7)
+            if params.show_image and row.spans:
+                _mark_spans(ax, row, labels if font is not None else None, font)
             if c > 0:
                 ax.tick_params(labelleft=False)
             else:
@@ -572,7 +612,13 @@ def _draw(
 def _draw_prompt(
     sub: Any, rows: list[_Row], params: SimilarityGridParameters, height: float
 ) -> None:
-    """The prompt's text, wrapped to the panel beside the grid."""
+    """The prompt's image (when the dataset keeps one) and text, beside the grid."""
+    thumbnail = next((row.thumbnail for row in rows if row.thumbnail is not None), None)
+    if params.show_image and thumbnail is not None:
+        _draw_image(sub, thumbnail, rows)
+        top = 0.47
+    else:
+        top = 0.93
     text = rows[0].prompt_text
     if text is None:  # no prompt_text coordinate: rebuild it from the first model's tokens
         text = "".join(rows[0].tokens)
@@ -583,16 +629,81 @@ def _draw_prompt(
     room = max(1, int(height * 0.8 * 72 / (_PROMPT_FONT * 1.35)) - 2)
     if len(lines) > room:
         lines = lines[: room - 1] + [lines[room - 1][: chars - 1] + "…"]
+    if top < 0.9:  # the image takes the top half: keep the text to the rest
+        room = max(1, room // 2)
+        if len(lines) > room:
+            lines = lines[: room - 1] + [lines[room - 1][: chars - 1] + "…"]
     sub.text(
-        0.06, 0.93, f"Prompt {params.prompt}", fontsize=9.5, fontweight="bold",
+        0.06, top, f"Prompt {params.prompt}", fontsize=9.5, fontweight="bold",
         va="bottom", ha="left", transform=sub.transSubfigure, parse_math=False,
     )
     sub.text(
-        0.06, 0.91, "\n".join(lines), fontsize=_PROMPT_FONT, va="top", ha="left",
+        0.06, top - 0.02, "\n".join(lines), fontsize=_PROMPT_FONT, va="top", ha="left",
         linespacing=1.35, transform=sub.transSubfigure, parse_math=False,
         bbox={"boxstyle": "round,pad=0.5", "facecolor": "#f6f6f6", "edgecolor": "#bbbbbb",
               "linewidth": 0.6},
     )
+
+
+#: Colour of the marks of image tokens on the axes.
+_IMAGE_COLOUR = "#2b6cb0"
+
+
+def _draw_image(sub: Any, thumbnail: np.ndarray, rows: list[_Row]) -> None:
+    """The prompt's image in the top half of the panel beside the grid, with how many
+    tokens each model makes of it."""
+    ax = sub.add_axes((0.06, 0.53, 0.88, 0.38))
+    ax.imshow(thumbnail, interpolation="lanczos" if max(thumbnail.shape[:2]) < 96 else "antialiased")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_color(_IMAGE_COLOUR)
+        spine.set_linewidth(1.2)
+    counts = {sum(stop - start for start, stop, _ in row.spans) for row in rows}
+    what = f"{counts.pop()} image tokens" if len(counts) == 1 else "image tokens: " + ", ".join(
+        f"{row.model} {sum(b - a for a, b, _ in row.spans)}" for row in rows)
+    sub.text(0.06, 0.93, "Image", fontsize=9.5, fontweight="bold", va="bottom", ha="left",
+             transform=sub.transSubfigure, parse_math=False)
+    sub.text(0.94, 0.93, what, fontsize=7.5, color=_IMAGE_COLOUR, va="bottom", ha="right",
+             transform=sub.transSubfigure, parse_math=False)
+
+
+def _mark_spans(ax: Any, row: _Row, labels: Optional[list[str]], font: Optional[float]) -> None:
+    """Mark each run of image tokens with a coloured bar beside both axes and one label
+    per run at its middle, in place of its tokens' own labels (real checkpoints have
+    hundreds of image tokens)."""
+    from matplotlib.patches import Rectangle
+    from matplotlib.transforms import blended_transform_factory
+
+    along_x = blended_transform_factory(ax.transData, ax.transAxes)
+    along_y = blended_transform_factory(ax.transAxes, ax.transData)
+    for start, stop, _ in row.spans:
+        width = stop - start
+        ax.add_patch(Rectangle((start - 0.5, -0.022), width, 0.016, transform=along_x, clip_on=False,
+                               facecolor=_IMAGE_COLOUR, edgecolor="none"))
+        ax.add_patch(Rectangle((-0.022, start - 0.5), 0.016, width, transform=along_y, clip_on=False,
+                               facecolor=_IMAGE_COLOUR, edgecolor="none"))
+    middles = {(start + stop - 1) // 2: label for start, stop, label in row.spans}
+    inside = {i for start, stop, _ in row.spans for i in range(start, stop)}
+    if labels is not None:  # token labels: the image's tokens give way to one label per run
+        ticks = [i for i in range(row.n_tokens) if i not in inside or i in middles]
+        shown = [middles.get(i, labels[i]) for i in ticks]
+    else:  # positions: keep those outside the image, add one label per run
+        every = MaxNLocator(nbins=5, integer=True, min_n_ticks=2).tick_values(0, row.n_tokens - 1)
+        plain = [int(t) for t in every if 0 <= t < row.n_tokens and int(t) not in inside]
+        ticks = sorted(set(plain) | set(middles))
+        shown = [middles.get(t, str(t)) for t in ticks]
+        font = 7
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(shown, rotation=90, fontsize=font, parse_math=False)
+    ax.set_yticks(ticks)
+    ax.set_yticklabels(shown, fontsize=font, parse_math=False)
+    for tick_labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+        for tick, text in zip(tick_labels, shown):
+            if text in middles.values() and ticks[shown.index(text)] in middles:
+                tick.set_color(_IMAGE_COLOUR)
+                tick.set_fontweight("bold")
+                tick.set_fontsize(max(font or 0, 7.5))
 
 
 def _display_token(text: str, limit: int = _TOKEN_LABEL_CHARS) -> str:

@@ -346,3 +346,48 @@ def test_a_vision_language_model_needs_its_processor(vlms):
     config = {"inputs": {"prompts": ["a"]}, "probes": [{"use": "token_similarity"}]}
     with pytest.raises(probescope.ProbescopeError, match="pass its processor"):
         probescope.run(config, models={"m": (vlm.model, vlm.processor.tokenizer)}, write=False)
+
+
+def _tick_texts(ax):
+    return [t.get_text() for t in ax.get_xticklabels()], [t.get_text() for t in ax.get_yticklabels()]
+
+
+def test_similarity_grid_draws_the_image_and_one_label_per_span(runs):
+    from probescope.renderers.similarity_grid import SimilarityGridRenderer
+
+    datasets = [runs["llava"]["token_similarity"], runs["idefics3"]["token_similarity"]]
+    figure = SimilarityGridRenderer().render(datasets, {"prompt": 0, "layers": [0, 2], "max_token_labels": 80})
+    images = [a for a in figure.findobj(lambda o: type(o).__name__ == "AxesImage")]
+    thumb = datasets[0].thumbnail[0, :40, :24].values
+    assert any(np.array_equal(np.asarray(i.get_array()), thumb) for i in images)  # the picture, beside the grid
+    panels = [ax for ax in figure.axes if ax.get_title() or ax.get_ylabel()]
+    llava_x, llava_y = _tick_texts(figure.axes[0])
+    assert llava_x.count("image") == 1 and llava_y.count("image") == 1  # one label for 16 image tokens
+    idefics_axes = [ax for ax in figure.axes if ax.get_ylabel() == "idefics3"]
+    x, _ = _tick_texts(idefics_axes[0])
+    assert [t for t in x if t.startswith("tile")] == [f"tile {k}" for k in range(1, 6)]  # 4 tiles + global
+    assert len(panels) >= 4
+    assert any("16 image tokens" in t.get_text() or "llava 16" in t.get_text() for t in figure.findobj(
+        lambda o: type(o).__name__ == "Text"))
+
+
+def test_similarity_grid_without_token_labels_still_marks_spans(runs):
+    from probescope.renderers.similarity_grid import SimilarityGridRenderer
+
+    ds = runs["qwen2_vl"]["token_similarity"]
+    figure = SimilarityGridRenderer().render([ds], {"prompt": 0, "layers": [1], "max_token_labels": 5})
+    x, y = _tick_texts(figure.axes[0])
+    assert x.count("image") == 1 and y.count("image") == 1
+    assert all(t == "image" or t.isdigit() for t in x)
+
+
+@pytest.mark.slow
+def test_the_traffic_light_example_draws_its_figure(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "examples" / "vision_language.py"
+    spec = importlib.util.spec_from_file_location("vision_language_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(tmp_path).is_file()
