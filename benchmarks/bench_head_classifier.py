@@ -3,8 +3,8 @@
 On a GPT-2-small-shaped model with random weights (12 layers x 12 heads, width 768,
 vocabulary 50257), score every shipped relation (all their pairs: a word-level tokenizer
 holds every relation word, topped up with filler tokens to 50257) with
-:func:`probescope.relation_scores.relation_scores` and with
-:func:`probescope.relation_scores.reference_scores` (for each relation, for each head:
+:func:`probescope.probes.head_classifier.relation_scores.relation_scores` and with
+:func:`probescope.probes.head_classifier.relation_scores.reference_scores` (for each relation, for each head:
 project, then ``topk``). Both run in float64, where near-ties cannot flip a rank, and the
 scores must be identical. The fast path is also timed in float32, the probe's default.
 
@@ -42,7 +42,7 @@ def build(relations: int | None):
     from probescope.models import find_adapter
     from probescope.plugins.manager import load_registry
     from probescope.probes.head_classifier import HeadClassifierParameters
-    from probescope.relations import builtin_relations, tokenize_relation
+    from probescope.probes.head_classifier.relations import builtin_relations, tokenize_relation
 
     chosen = list(builtin_relations())[:relations]
     tokenizer = relation_word_tokenizer(VOCAB, relations)
@@ -72,7 +72,7 @@ def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
 def child(what: str, variant: str, relations: int | None) -> dict:
     from common import peak_growth_mb
 
-    from probescope.relation_scores import PairSet, reference_scores, relation_scores
+    from probescope.probes.head_classifier.relation_scores import PairSet, reference_scores, relation_scores
 
     layout, pairs = build(relations)
     if variant == "reference":
@@ -95,7 +95,7 @@ def main() -> None:
 
     import numpy as np
 
-    from probescope.relation_scores import PairSet, reference_scores, relation_scores
+    from probescope.probes.head_classifier.relation_scores import PairSet, reference_scores, relation_scores
 
     extra = [] if args.relations is None else ["--relations", str(args.relations)]
     script = str(Path(__file__).resolve())

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import xarray as xr
 
     from probescope.architectures.base import ArchitectureAdapter
+    from probescope.errors import Failure
     from probescope.probe import Probe
     from probescope.renderer import Renderer
 
@@ -92,11 +93,12 @@ def dataset_produced(dataset: "xr.Dataset", model: str, probe: str) -> None:
 @hookspec
 def run_finished(
     results: Mapping[str, Mapping[str, "xr.Dataset"]],
-    failures: Sequence[Mapping[str, str]],
+    failures: Sequence["Failure"],
 ) -> None:
     """Called once when a run ends, after every dataset and figure was written.
 
     :param results: datasets by model name, then probe name.
-    :param failures: one mapping per failed step, with keys ``model``, ``step``
-        (``probe`` or ``renderer``), ``name`` and ``error``. Empty when all succeeded.
+    :param failures: one :class:`probescope.Failure` per failed step (its ``model``,
+        ``step``: ``model``, ``probe`` or ``renderer``, ``name`` and ``error``, and
+        ``describe()`` for one line). Empty when all succeeded.
     """

@@ -26,17 +26,13 @@ from typing import Any, Literal, Optional
 import numpy as np
 import torch
 import xarray as xr
-from pydantic import Field, StrictInt, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from probescope.architectures.base import COMPONENTS, component
-from probescope.architectures.layout import ModelLayout
-from probescope.architectures.streamed import streamed_layout
-from probescope.errors import ModelLoadError, Problem, ProbescopeError
-from probescope.inputs import Batch
-from probescope.models import is_model_folder, load_weights, read_config
-from probescope.plugins import hookimpl
-from probescope.probe import ConfigPath, Parameters, Probe, ProbeRun, Read, block_layers, layer_problems
-from probescope.progress import progress
+from probescope import (
+    COMPONENTS, Batch, Block, ConfigPath, DatasetSchema, ModelEntry, ModelLayout, ModelLoadError, Parameters, Probe,
+    ProbeRun, ProbescopeError, Problem, Read, Variable, component, distinct, hookimpl, is_model_folder, layer_problems,
+    load_weights, progress, read_config, resolve_layers, streamed_layout,
+)
 
 Statistic = Literal["activation_norm", "weight_norm", "relative_update", "grad_norm"]
 ComponentName = Literal["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down", "mlp.gate"]
@@ -71,9 +67,7 @@ class ReferenceCheckpoint(Parameters):
         return str(self.path) if self.path is not None else str(self.hub)
 
     def entry(self, dtype: str = "float32", device: str = "cpu") -> Any:
-        """A :class:`~probescope.config.ModelEntry` for loading it like any model."""
-        from probescope.config import ModelEntry
-
+        """A :class:`~probescope.ModelEntry` for loading it like any model."""
         return ModelEntry(
             name="reference", path=None if self.path is None else str(self.path), hub=self.hub,
             revision=self.revision, dtype=dtype, device=device,
@@ -91,8 +85,8 @@ class ComponentNormParameters(Parameters):
     components: Optional[list[ComponentName]] = Field(
         None, description="canonical components to include, default all seven"
     )
-    layers: Optional[list[StrictInt]] = Field(
-        None, description="block indices (negative count from the end); default every block"
+    layers: Optional[list[Block]] = Field(
+        None, description='block indices (negative count from the end) or "last"; default every block'
     )
     norm: Literal["frobenius", "spectral"] = Field(
         "frobenius", description="matrix norm for weight_norm, relative_update and grad_norm"
@@ -109,14 +103,7 @@ class ComponentNormParameters(Parameters):
     @field_validator("components", "layers")
     @classmethod
     def _distinct(cls, values: Optional[list]) -> Optional[list]:
-        if values is None:
-            return None
-        if not values:
-            raise ValueError("give at least one, or leave the key out for all of them")
-        repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
-        if repeated:
-            raise ValueError(f"listed more than once: {', '.join(map(str, repeated))}")
-        return values
+        return distinct(values)
 
     @model_validator(mode="after")
     def _options_fit(self) -> "ComponentNormParameters":
@@ -127,6 +114,11 @@ class ComponentNormParameters(Parameters):
         if self.statistic != "activation_norm" and self.divide_by_sqrt_width:
             raise ValueError(f'divide_by_sqrt_width applies to activation_norm, not {self.statistic!r}')
         return self
+
+
+def _layers(params: ComponentNormParameters, num_layers: int) -> list[int]:
+    """The blocks of the dataset, in ascending order."""
+    return sorted(resolve_layers(params.layers, num_layers))
 
 
 def chosen_components(params: ComponentNormParameters) -> list[str]:
@@ -154,11 +146,40 @@ def _norm_sum(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
     return torch.stack([total, mask.sum().to(torch.float64)])
 
 
+SCHEMA = DatasetSchema(
+    probe="component_norm",
+    dims={"layer": "blocks, from 0", "component": "canonical components, in canonical order"},
+    coords={
+        "layer": Variable(("layer",), "int64", "block index"),
+        "component": Variable(("component",), "str", "canonical component name", values=COMPONENTS),
+        "present": Variable(("component",), "bool", "whether the model's family has the component"),
+        "module": Variable(("component",), "str",
+                           'module in each block, "attn.c_attn[q]" for part of a fused one; "" where absent'),
+        "width": Variable(("component",), "int64", "output features; -1 where absent"),
+    },
+    variables={
+        "value": Variable(("layer", "component"), "float64",
+                          "the statistic; NaN where the family lacks the component. Its long_name attribute "
+                          "names the statistic (for axis labels)"),
+    },
+    attrs={"statistic": "activation_norm, weight_norm, relative_update or grad_norm"},
+    optional_attrs={
+        "norm": "frobenius or spectral (weight statistics)",
+        "divide_by_sqrt_width": "0 or 1 (activation_norm)",
+        "tokens": "the real tokens averaged over (activation_norm) or in the loss (grad_norm)",
+        "reference": "the reference checkpoint (relative_update)",
+        "reference_revision": "its revision (relative_update)",
+        "loss": "the mean loss the gradient is of (grad_norm)",
+    },
+)
+
+
 class ComponentNorm(Probe):
     name = "component_norm"
     version = "0.1.0"
     description = "one statistic (activation, weight, update or gradient norm) per layer and component"
     Parameters = ComponentNormParameters
+    schema = SCHEMA
 
     def check(self, params: ComponentNormParameters, model: Any) -> list[Problem]:
         problems = layer_problems(params.layers, model.num_layers)
@@ -177,14 +198,14 @@ class ComponentNorm(Probe):
             return []
         present = model.adapter.components(model.config)
         return [
-            Read(f"{layer}/{name}", component(name, layer), _norm_sum)
-            for layer in block_layers(params.layers, model.num_layers)
+            Read((layer, name), component(name, layer), _norm_sum)
+            for layer in _layers(params, model.num_layers)
             for name in chosen_components(params) if name in present
         ]
 
     def build(self, params: ComponentNormParameters, run: ProbeRun) -> xr.Dataset:
         layout = run.model.layout
-        layers = block_layers(params.layers, run.model.info.num_layers)
+        layers = _layers(params, run.model.num_layers)
         names = chosen_components(params)
         widths = np.array([_width(layout, name) or -1 for name in names], dtype=np.int64)
         values = np.full((len(layers), len(names)), np.nan)
@@ -194,7 +215,7 @@ class ComponentNorm(Probe):
             tokens = 0
             for li, layer in enumerate(layers):
                 for ci, name in enumerate(names):
-                    parts = run.reductions.get(f"{layer}/{name}")
+                    parts = run.reductions.get((layer, name))
                     if not parts:
                         continue
                     total, count = torch.stack(parts).sum(dim=0).tolist()

@@ -8,30 +8,25 @@ only a (token x token) matrix per prompt and layer leaves it.
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 import torch
 import xarray as xr
-from pydantic import Field, StrictInt, field_validator
+from pydantic import Field, field_validator
 
-from probescope.architectures.base import EMBED, embed, resid
-from probescope.errors import Problem
-from probescope.inputs import THUMBNAIL_SIDE, TOKEN_KINDS, Batch, thumbnails, token_kind_codes
-from probescope.plugins import hookimpl
-from probescope.probe import Parameters, Probe, ProbeRun, Read
-
-EMBED_LAYER = -1  # value of the `layer` coordinate for the embedding output
-
-LayerSpec = Union[StrictInt, Literal["embed"]]
+from probescope import (
+    EMBED_LAYER, THUMBNAIL_SIDE, TOKEN_KINDS, Batch, DatasetSchema, Layer, Parameters, Probe, ProbeRun, Problem, Read, Variable, distinct, embed,
+    hookimpl, layer_label, layer_problems, resid, resolve_layers, thumbnails, token_kind_codes,
+)
 
 
 class TokenSimilarityParameters(Parameters):
     """Parameters of ``token_similarity``."""
 
-    layers: list[LayerSpec] | None = Field(
+    layers: list[Layer] | None = Field(
         default=None,
-        description='block indices (negative count from the end) and/or "embed" for the '
+        description='block indices (negative count from the end), "last", and/or "embed" for the '
         "embedding output; default: every block",
     )
     metric: Literal["cosine", "centred_cosine"] = Field(
@@ -49,25 +44,53 @@ class TokenSimilarityParameters(Parameters):
 
     @field_validator("layers")
     @classmethod
-    def _not_empty(cls, layers: list[LayerSpec] | None) -> list[LayerSpec] | None:
-        if layers is not None and not layers:
-            raise ValueError('give at least one layer, or leave layers out for all of them')
-        return layers
+    def _distinct(cls, layers: list[Layer] | None) -> list[Layer] | None:
+        return distinct(layers)
 
 
-def resolve_layers(layers: list[LayerSpec] | None, num_layers: int) -> list[int]:
-    """Absolute layer coordinates, in the order given, without duplicates.
-
-    Block indices become non-negative; "embed" becomes :data:`EMBED_LAYER`.
-    """
-    if layers is None:
-        return list(range(num_layers))
-    out: list[int] = []
-    for layer in layers:
-        value = EMBED_LAYER if layer == EMBED else (layer + num_layers if layer < 0 else layer)
-        if value not in out:
-            out.append(value)
-    return out
+SCHEMA = DatasetSchema(
+    probe="token_similarity",
+    dims={
+        "prompt": "the run's prompts, in order",
+        "layer": "the layers read: block index from 0; -1 is the embedding output",
+        "token": "position i of the token compared",
+        "context_token": "position j of the earlier (or same) token it is compared with",
+        "pixel_row": "rows of a prompt's image thumbnail (prompts with images only)",
+        "pixel_column": "columns of a prompt's image thumbnail (prompts with images only)",
+        "channel": "colour channels of the thumbnail",
+    },
+    coords={
+        "prompt": Variable(("prompt",), "int64", "prompt index"),
+        "prompt_text": Variable(("prompt",), "str", "the prompt"),
+        "n_tokens": Variable(("prompt",), "int64", "real (non-padding) tokens of the prompt"),
+        "n_image_tokens": Variable(("prompt",), "int64", "tokens standing for the prompt's image"),
+        "n_prefix_tokens": Variable(("prompt",), "int64", "leading tokens that attend both ways "
+                                    "(vision-language models with a bidirectional prefix)", optional=True),
+        "image_file": Variable(("prompt",), "str", "the prompt's image file name; \"\" for none", optional=True),
+        "thumbnail_height": Variable(("prompt",), "int64", "height of the thumbnail in pixels", optional=True),
+        "thumbnail_width": Variable(("prompt",), "int64", "width of the thumbnail in pixels", optional=True),
+        "channel": Variable(("channel",), "str", "red, green, blue", optional=True),
+        "layer": Variable(("layer",), "int64", "block index; -1 the embedding output (the residual stream entering block 0)"),
+        "layer_label": Variable(("layer",), "str", '"embed" or the block index'),
+        "token": Variable(("token",), "int64", "token position"),
+        "context_token": Variable(("context_token",), "int64", "token position"),
+        "token_text": Variable(("prompt", "token"), "str", 'the token as text; "" on padding'),
+        "token_id": Variable(("prompt", "token"), "int64", "the token's id; -1 on padding"),
+        "context_token_text": Variable(("prompt", "context_token"), "str", "token_text along context_token"),
+        "token_kind": Variable(("prompt", "token"), "int8",
+                               "text, image (the model's image token) or special; -1 on padding", flags=True),
+    },
+    variables={
+        "similarity": Variable(("prompt", "layer", "token", "context_token"), "float32",
+                               "similarity of token i's hidden state with token j's, for j <= i; NaN for j > i and over "
+                               "padding (with a bidirectional prefix, j > i is kept among its tokens)"),
+        "thumbnail": Variable(("prompt", "pixel_row", "pixel_column", "channel"), "uint8",
+                              "each prompt's image, RGB, padded with 0 beyond its thumbnail size", optional=True),
+    },
+    attrs={"metric": "cosine or centred_cosine",
+           "centre_without_first_token": "0 or 1: the first token left out of the centring mean",
+           "attention": "causal, or bidirectional prefix"},
+)
 
 
 def similarity_matrix(hidden: torch.Tensor, mask: torch.Tensor, metric: str,
@@ -105,18 +128,10 @@ class TokenSimilarity(Probe):
     version = "0.1.0"
     description = "similarity of the hidden states of every pair of tokens (j <= i), per layer"
     Parameters = TokenSimilarityParameters
+    schema = SCHEMA
 
     def check(self, params: TokenSimilarityParameters, model) -> list[Problem]:
-        n = model.num_layers
-        problems = []
-        for i, layer in enumerate(params.layers or []):
-            if layer != EMBED and not -n <= layer < n:
-                problems.append(Problem(
-                    f"layers[{i}]",
-                    f"layer {layer} is out of range: the model has {n} layers, so give "
-                    f'{-n}..{n - 1} or "embed"',
-                ))
-        return problems
+        return layer_problems(params.layers, model.num_layers, embed=True)
 
     def reads(self, params: TokenSimilarityParameters, model) -> list[Read]:
         metric, skip_first = params.metric, params.centre_without_first_token
@@ -125,7 +140,7 @@ class TokenSimilarity(Probe):
             return similarity_matrix(hidden, batch.mask, metric, skip_first, batch.prefix_mask)
 
         return [
-            Read(str(layer), embed() if layer == EMBED_LAYER else resid(layer), reduce)
+            Read(layer, embed() if layer == EMBED_LAYER else resid(layer), reduce)
             for layer in resolve_layers(params.layers, model.num_layers)
         ]
 
@@ -135,7 +150,7 @@ class TokenSimilarity(Probe):
         values = np.full((len(run.prompts), len(layers), width, width), np.nan, dtype=np.float32)
         for li, layer in enumerate(layers):
             row = 0
-            for matrix in run.reductions[str(layer)]:
+            for matrix in run.reductions[layer]:
                 b, t, _ = matrix.shape
                 values[row : row + b, li, :t, :t] = matrix.float().numpy()
                 row += b
@@ -187,7 +202,7 @@ class TokenSimilarity(Probe):
                 "layer": ("layer", np.array(layers, dtype=np.int64),
                           {"description": "block index (0-based); -1 is the embedding output, "
                                           "the residual stream entering block 0"}),
-                "layer_label": ("layer", np.array(["embed" if l == EMBED_LAYER else str(l) for l in layers], dtype=object)),
+                "layer_label": ("layer", np.array([layer_label(layer) for layer in layers], dtype=object)),
                 "token": ("token", positions, {"description": "token position"}),
                 "context_token": ("context_token", positions, {"description": "position of the earlier (or same) token compared with"}),
                 "token_text": (("prompt", "token"), texts),

@@ -89,19 +89,41 @@ class ProbescopeWarning(UserWarning):
     ``warning: ...`` lines."""
 
 
+@dataclass(frozen=True)
+class Failure:
+    """One step of a run that failed while the others went on: what the lifecycle hook
+    ``run_finished`` and :class:`RunFailed` report."""
+
+    model: str  # the model's name; "" for a renderer (it draws every model)
+    step: str  # "model" (could not be loaded), "probe" or "renderer"
+    name: str  # the probe entry's or renderer's name (the model's, for "model")
+    error: str  # "ExceptionType: message"
+
+    @classmethod
+    def of(cls, model: str, step: str, name: str, error: BaseException | str) -> "Failure":
+        """A failure from an exception (its type and message) or a sentence."""
+        return cls(model, step, name, error if isinstance(error, str) else f"{type(error).__name__}: {error}")
+
+    def describe(self) -> str:
+        """One line saying what failed and why."""
+        if self.step == "model":
+            return f"model {self.model!r} could not be loaded: {self.error}"
+        where = f"model {self.model!r}: " if self.model else ""
+        return f"{where}{self.step} {self.name!r} failed: {self.error}"
+
+    __str__ = describe
+
+
 class RunFailed(ProbescopeError):
     """A run finished but some probes or renderers failed; the others' outputs were written."""
 
-    def __init__(self, failures: list[dict[str, str]], datasets: dict | None = None):
-        self.failures = failures
+    def __init__(self, failures: list[Failure], datasets: dict | None = None):
+        self.failures = list(failures)
         self.datasets = datasets or {}  # what the other probes produced, by model and probe
-        lines = ["  " + describe_failure(f) for f in failures]
-        super().__init__("\n".join([f"{len(failures)} step(s) failed:", *lines]))
+        lines = ["  " + f.describe() for f in self.failures]
+        super().__init__("\n".join([f"{len(self.failures)} step(s) failed:", *lines]))
 
 
-def describe_failure(failure: dict[str, str]) -> str:
+def describe_failure(failure: Failure) -> str:
     """One line for one failed step of a run."""
-    if failure["step"] == "model":
-        return f"model {failure['model']!r} could not be loaded: {failure['error']}"
-    where = f"model {failure['model']!r}: " if failure["model"] else ""
-    return f"{where}{failure['step']} {failure['name']!r} failed: {failure['error']}"
+    return failure.describe()

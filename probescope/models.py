@@ -101,6 +101,19 @@ class LoadedModel:
     def name(self) -> str:
         return self.info.name
 
+    # What a probe's ``check`` reads off ModelInfo, here too, for its ``reads``.
+    @property
+    def num_layers(self) -> int:
+        return self.info.num_layers
+
+    @property
+    def config(self) -> Any:
+        return self.info.config
+
+    @property
+    def adapter(self) -> ArchitectureAdapter:
+        return self.info.adapter
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -5,12 +5,30 @@ reduction); the runner performs every probe's reads inside one traced forward pa
 batch, applies each reduction there, and hands back only the reduced tensors. The probe
 then builds an ``xarray.Dataset`` from them. A probe that needs only weights declares no
 reads and reads the weights in :meth:`Probe.build`.
+
+Which hook gets what, in the order the runner calls them:
+
+===================  ============================================  ========================
+hook                 gets                                          when
+===================  ============================================  ========================
+``check``            parameters, :class:`ModelInfo` (no weights)   validation, nothing loaded
+``sites``            parameters, :class:`ModelInfo` (no weights)   validation, nothing loaded
+``needs_prompts``    parameters, :class:`ModelInfo` (no weights)   validation, nothing loaded
+``reads``            parameters, :class:`LoadedModel` (weights)    after loading, before the pass
+reductions           ``(hidden, batch)`` inside the traced pass    once per batch
+``build``            parameters, :class:`ProbeRun` (weights too)   after every batch
+===================  ============================================  ========================
+
+Validation stays weight-free: every mistake a user can make is reported before anything
+loads, a site the family lacks included (``sites``). Planning may use weights: ``reads`` gets the loaded model, so a reduction can
+close over them (a logit lens unembeds inside the pass and returns top-k ids, never
+residual streams).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Hashable, Optional
 
 import torch
 import xarray as xr
@@ -18,28 +36,31 @@ import xarray as xr
 from probescope.architectures.base import SiteRef
 from probescope.errors import Problem
 from probescope.inputs import Batch, Prompt
-from probescope.params import ConfigPath, Parameters  # noqa: F401  (Parameters is the schema's base)
+from probescope.params import Parameters
 
 if TYPE_CHECKING:
     from probescope.models import LoadedModel, ModelInfo
+    from probescope.schema import DatasetSchema
 
-
-Reduction = Callable[[torch.Tensor, Batch], torch.Tensor]
+Reduction = Callable[[torch.Tensor, Batch], Any]
 
 
 @dataclass(frozen=True)
 class Read:
     """One reduction of one site, computed inside the trace.
 
-    :param key: the probe's own name for the result; results come back under it.
+    :param key: the probe's own name for the result, any hashable value (``(layer,
+        "attn.q")``, say); results come back under it in :attr:`ProbeRun.reductions`.
+        Keys are the probe's own: two probes may use the same keys.
     :param site: the canonical site to read.
     :param reduce: called as ``reduce(hidden, batch)`` with ``hidden`` shaped as the
         site's constructor says (``(batch, token, width)`` for the residual stream and
-        components, ``(batch, head, query, key)`` for ``attention``...); returns a (small) tensor. It runs inside the forward
-        pass, so it must only compute: no I/O, and nothing kept beyond its return value.
+        components, ``(batch, head, query, key)`` for ``attention``...); returns a
+        (small) tensor. It runs inside the forward pass, so it must only compute: no
+        I/O, and nothing kept beyond its return value.
     """
 
-    key: str
+    key: Hashable
     site: SiteRef
     reduce: Reduction
 
@@ -52,63 +73,64 @@ class ProbeRun:
     prompts: list[Prompt]
     batches: list[Batch]
     # key -> one tensor per batch, in batch order
-    reductions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    reductions: dict[Hashable, list[torch.Tensor]] = field(default_factory=dict)
 
 
 class Probe:
     """Base class for probes. Register instances through ``register_probes``.
 
     Subclasses set :attr:`name`, :attr:`version`, :attr:`description`, :attr:`Parameters`
-    and implement :meth:`build`; probes that read activations also implement
-    :meth:`reads`.
+    and :attr:`schema` (their dataset's :class:`~probescope.DatasetSchema`) and implement
+    :meth:`build`; probes that read activations also implement :meth:`reads`.
     """
 
     name: ClassVar[str]
     version: ClassVar[str] = "0.1.0"
     description: ClassVar[str] = ""
     Parameters: ClassVar[type[Parameters]] = Parameters
+    schema: ClassVar[Optional["DatasetSchema"]] = None
 
     def check(self, params: Any, model: "ModelInfo") -> list[Problem]:
         """Problems with ``params`` for this particular model, found before weights load
         (a layer index out of range, say). Locations are relative to the probe's entry."""
         return []
 
-    def reads(self, params: Any, model: "ModelInfo") -> list[Read]:
-        """The reductions this probe needs from the forward pass (none by default)."""
+    def reads(self, params: Any, model: "LoadedModel") -> list[Read]:
+        """The reductions this probe needs from the forward pass (none by default).
+
+        Called once per model after its weights loaded, so reductions may use them
+        (``model.layout.unembedding()``, say); ``model.num_layers``, ``model.config``
+        and ``model.adapter`` are there as in :meth:`check`.
+        """
         return []
+
+    def sites(self, params: Any, model: "ModelInfo") -> list[SiteRef]:
+        """The sites :meth:`reads` will read, known before weights load, so that a site
+        the model's family lacks is a configuration error naming it.
+
+        By default, the sites of :meth:`reads` called with the :class:`ModelInfo`, which
+        works for every probe whose ``reads`` plans without weights. A probe whose
+        ``reads`` uses weights overrides this (else a missing site fails the probe only
+        when the model runs).
+        """
+        return [read.site for read in self.reads(params, model)]
 
     def needs_prompts(self, params: Any, model: "ModelInfo") -> bool:
         """Whether the run's prompts are needed, so that a config without ``[inputs]`` is
-        an error before anything loads. By default: when the probe reads activations."""
-        return bool(self.reads(params, model))
+        an error before anything loads. By default: when the probe defines :meth:`reads`
+        (override this when whether it reads depends on its parameters)."""
+        return type(self).reads is not Probe.reads
 
     def weights_only(self, params: Any, model: "ModelInfo") -> bool:
         """Whether :meth:`build` reads nothing but weights, through ``run.model.layout``.
         When every probe on a model says so, the model is not loaded: its layout streams
         tensors from the checkpoint's safetensors files one layer at a time, and
-        ``run.model.model`` is unavailable. By default: the probe reads no activations and
-        needs no prompts. Return False when :meth:`build` needs the model object itself."""
-        return not self.reads(params, model) and not self.needs_prompts(params, model)
+        ``run.model.model`` is unavailable (and :meth:`reads`, if called, gets that
+        streamed model). By default: the probe needs no prompts (it defines no
+        :meth:`reads`, or says so in :meth:`needs_prompts`). Return False when
+        :meth:`build` needs the model object itself."""
+        return not self.needs_prompts(params, model)
 
     def build(self, params: Any, run: ProbeRun) -> xr.Dataset:
         """The probe's result for one model. Provenance ``attrs`` are added by the runner."""
         raise NotImplementedError
-
-
-# --------------------------------------------------------------------------------------
-# Helpers for probes whose ``layers`` parameter lists block indices.
-
-
-def block_layers(layers: Optional[Sequence[int]], num_layers: int) -> list[int]:
-    """Block indices (negative ones count from the end) as non-negative indices in
-    ascending order; every block when ``layers`` is None."""
-    if layers is None:
-        return list(range(num_layers))
-    return sorted({layer + num_layers if layer < 0 else layer for layer in layers})
-
-
-def layer_problems(layers: Optional[Sequence[int]], num_layers: int, key: str = "layers") -> list[Problem]:
-    """A problem for each block index out of range for a model with ``num_layers`` blocks."""
-    n = num_layers
-    return [Problem(f"{key}[{i}]", f"layer {layer} is out of range: the model has {n} layers, so give {-n}..{n - 1}")
-            for i, layer in enumerate(layers or []) if not -n <= layer < n]

@@ -1,40 +1,74 @@
-"""What a renderer is: parameters and a function from datasets to a matplotlib Figure.
+"""What a renderer is, and the kit every renderer draws with.
 
-Renderers read datasets only, never models, so a saved result can be drawn again long
-after the model is gone (``probescope render``).
+A renderer is parameters and a function from datasets to a matplotlib Figure. Renderers
+read datasets only, never models, so a saved result can be drawn again long after the
+model is gone (``probescope render``).
+
+The kit holds what every renderer would otherwise write again: the error type
+(:class:`RendererError`), the ``title`` parameter (:class:`RendererParameters`), one
+dataset per model out of whatever was passed (:meth:`Renderer.models`, which also checks
+each against the probe's :class:`~probescope.schema.DatasetSchema`), the panel grid
+(:func:`panel_grid`) and the figure title (:func:`add_title`). A renderer keeps only its
+drawing.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+import math
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Optional, Sequence
 
 import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
+from pydantic import Field
 
+from probescope.errors import PluginError, Problem
 from probescope.params import Parameters, coerce_parameters  # noqa: F401  (renderers coerce with it)
+
+if TYPE_CHECKING:
+    from probescope.schema import DatasetSchema
+
+
+class RendererError(PluginError, ValueError):
+    """The datasets or the parameters cannot be drawn.
+
+    A :class:`~probescope.errors.PluginError` (so the command line reports it without a
+    traceback) and a :class:`ValueError` (so Python callers can catch it as bad input).
+    A renderer may subclass it to name its own (``Renderer.Error``).
+    """
+
+
+class RendererParameters(Parameters):
+    """Base of a renderer's parameter schema: what every figure takes."""
+
+    title: Optional[str] = Field(None, description="Title above the figure; none by default.")
+
 
 class Renderer:
     """Base class for renderers. Register instances through ``register_renderers``.
 
     :attr:`probe` names the probe whose datasets the renderer draws; the runner passes it
     that probe's datasets, one per model, in the configuration's model order.
+    :attr:`schema` is that probe's dataset schema, which :meth:`models` checks datasets
+    against; :attr:`Error` the error it raises for what it cannot draw.
     """
 
     name: ClassVar[str]
     version: ClassVar[str] = "0.1.0"
     description: ClassVar[str] = ""
     probe: ClassVar[str]
-    Parameters: ClassVar[type[Parameters]] = Parameters
+    Parameters: ClassVar[type[Parameters]] = RendererParameters
+    Error: ClassVar[type[RendererError]] = RendererError
+    schema: ClassVar[Optional["DatasetSchema"]] = None
 
-    def check(self, params: Any, *, prompts: Sequence[str], probe_params: Any, model: Any) -> list:
+    def check(self, params: Any, *, prompts: Sequence[str], probe_params: Any, model: Any) -> list[Problem]:
         """Problems with ``params`` that can be seen before any model runs, for one model
         (a prompt index past the run's prompts, a layer the probe will not read).
 
         :param prompts: the run's prompts.
         :param probe_params: the validated parameters of the probe entry this draws.
-        :param model: the model's :class:`probescope.models.ModelInfo`.
-        :returns: :class:`probescope.errors.Problem` s, locations relative to the entry.
+        :param model: the model's :class:`probescope.ModelInfo`.
+        :returns: :class:`probescope.Problem` s, locations relative to the entry.
         """
         return []
 
@@ -43,18 +77,26 @@ class Renderer:
         ``matplotlib.figure.Figure`` rather than pyplot, so no global state is touched."""
         raise NotImplementedError
 
+    # ----------------------------------------------------------------------------------
+    # The kit
 
-# --------------------------------------------------------------------------------------
-# Helpers every renderer needs to read its datasets the same way.
+    def parameters(self, params: Any) -> Any:
+        """``params`` (None, a mapping, or parameters) as this renderer's :attr:`Parameters`."""
+        return coerce_parameters(self.Parameters, params)
 
-def known_colormap(name: str, advice: str) -> str:
-    """``name`` when matplotlib has a colour map of that name; otherwise a ValueError
-    (for a parameter validator) that ends with ``advice`` on what to give instead."""
-    import matplotlib
+    def models(self, datasets: Sequence[xr.Dataset] | xr.Dataset,
+               needs: Optional[Iterable[str]] = None) -> list[tuple[str, xr.Dataset, bool]]:
+        """``(model name, dataset, came from a combined dataset)`` per model, each checked
+        against :attr:`schema` (only the variables in ``needs``, when given).
 
-    if name not in matplotlib.colormaps:
-        raise ValueError(f"{name!r} is not a matplotlib colour map; {advice}")
-    return name
+        :raises Error: no datasets, something that is not a dataset, or a dataset that
+            does not fit the schema (every problem named).
+        """
+        out = split_models(datasets, self.Error, self.name, self.probe)
+        if self.schema is not None:
+            for model, ds, _ in out:
+                check_dataset(ds, self.schema, model=model, renderer=self.name, error=self.Error, needs=needs)
+        return out
 
 
 def split_models(
@@ -85,15 +127,40 @@ def split_models(
     return out
 
 
-def required_variable(ds: xr.Dataset, name: str, model: str, error: type[Exception], renderer: str,
-                      probe: str) -> xr.DataArray:
-    """``ds[name]``, or ``error`` saying the dataset lacks it and which probe's datasets
-    ``renderer`` draws."""
-    if name not in ds.data_vars:
-        found = ", ".join(map(str, ds.data_vars)) or "none"
-        raise error(f"model {model!r}: the dataset has no {name!r} variable (it has: {found}); is this a "
-                    f"{probe} dataset? {renderer} draws the {probe} probe's datasets")
-    return ds[name]
+def check_dataset(ds: xr.Dataset, schema: "DatasetSchema", *, model: str, renderer: str,
+                  error: type[Exception] = RendererError, needs: Optional[Iterable[str]] = None) -> None:
+    """Raise ``error`` naming every way ``ds`` does not fit ``schema`` (the variables in
+    ``needs``, or all) as a renderer needs it; say which probe's datasets ``renderer`` draws."""
+    problems = schema.problems(ds, needs=needs)
+    if problems:
+        raise error(f"model {model!r}: {'; '.join(problems)}; is this a {schema.probe} dataset? "
+                    f"{renderer} draws the {schema.probe} probe's datasets")
+
+
+def panel_grid(n: int, columns: Optional[int] = None) -> tuple[int, int]:
+    """``(rows, columns)`` of a grid of ``n`` panels, at most ``columns`` per row; by
+    default one row of up to three, a 2 x 2 grid for four, three per row beyond."""
+    if columns is None:
+        columns = n if n <= 3 else 2 if n == 4 else 3
+    columns = max(1, min(columns, n))
+    return math.ceil(n / columns), columns
+
+
+def add_title(figure: Figure, title: Optional[str]) -> None:
+    """The figure's title (the ``title`` parameter), when there is one; taken literally
+    (no mathtext)."""
+    if title:
+        figure.suptitle(title, fontsize=12, parse_math=False)
+
+
+def known_colormap(name: str, advice: str) -> str:
+    """``name`` when matplotlib has a colour map of that name; otherwise a ValueError
+    (for a parameter validator) that ends with ``advice`` on what to give instead."""
+    import matplotlib
+
+    if name not in matplotlib.colormaps:
+        raise ValueError(f"{name!r} is not a matplotlib colour map; {advice}")
+    return name
 
 
 def index_values(ds: xr.Dataset, dim: str) -> list[int]:

@@ -19,7 +19,7 @@ from probescope import models as models_mod
 from probescope import results, trace
 from probescope.architectures.base import ATTENTION, get_submodule
 from probescope.config import Plan, ProbeTask
-from probescope.errors import ConfigError, InputError, ModelLoadError, Problem, ProbescopeError, RunFailed, SiteError
+from probescope.errors import ConfigError, Failure, InputError, ModelLoadError, Problem, ProbescopeError, RunFailed, SiteError
 from probescope.architectures.streamed import StreamedModel
 from probescope.probe import ProbeRun
 from probescope.progress import progress
@@ -43,11 +43,10 @@ class Outcome:
 
     datasets: dict[str, dict[str, xr.Dataset]] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
-    failures: list[dict[str, str]] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
 
     def fail(self, model: str, step: str, name: str, error: BaseException | str) -> None:
-        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-        self.failures.append({"model": model, "step": step, "name": name, "error": text})
+        self.failures.append(Failure.of(model, step, name, error))
 
 
 def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedModel] = {}) -> list[Prepared]:
@@ -156,15 +155,15 @@ def _site_problems(task: ProbeTask, info: models_mod.ModelInfo) -> list[Problem]
     ``attention`` read of a family without it, ``resid_mid`` of a parallel family),
     found from the config alone, before weights load."""
     try:
-        reads = task.probe.reads(task.params, info)
+        sites = task.probe.sites(task.params, info)
     except Exception:  # the probe's own failure is reported when it runs
         return []
     adapter = info.adapter
     blocks = adapter.block_paths[0] if adapter.block_paths else ""
     found: dict[str, None] = {}
-    for read in reads:
+    for site in sites:
         try:
-            adapter.site(read.site, blocks, info.config)
+            adapter.site(site, blocks, info.config)
         except ProbescopeError as exc:
             found[str(exc)] = None
     return [Problem("", message) for message in found]
@@ -176,14 +175,22 @@ def _scoped(entry: str, model: str, problems: Sequence[Problem]) -> list[Problem
             for p in problems]
 
 
-def _probe_reads(tasks: Sequence[ProbeTask], info: models_mod.ModelInfo, outcome: Outcome) -> list:
-    """Every probe's reads as ``(probe entry name, read)``; a probe whose ``reads`` raises fails alone."""
+def _probe_reads(tasks: Sequence[ProbeTask], loaded: models_mod.LoadedModel, outcome: Outcome) -> list:
+    """Every probe's reads as ``(probe entry name, read)``, planned with the loaded model
+    (weights included); a probe whose ``reads`` raises, or repeats a key, fails alone."""
     reads = []
     for task in tasks:
         try:
-            reads += [(task.name, read) for read in task.probe.reads(task.params, info)]
+            planned = list(task.probe.reads(task.params, loaded))
+            keys = [read.key for read in planned]
+            repeated = [key for i, key in enumerate(keys) if key in keys[:i]]
+            if repeated:
+                raise ValueError(f"reads() gave the key {repeated[0]!r} to more than one read; "
+                                 "each read's results come back under its own key")
         except Exception as exc:
-            outcome.fail(info.name, "probe", task.name, exc)
+            outcome.fail(loaded.name, "probe", task.name, exc)
+            continue
+        reads += [(task.name, read) for read in planned]
     return reads
 
 
@@ -276,9 +283,9 @@ def run_model(plan: Plan, prepared: Prepared, registry: Any, outcome: Outcome, w
         batches = inputs_mod.batches(prepared.prompts, plan.batch_size,
                                      pad_id=inputs_mod.pad_id_of(prepared.tokenizer), device=loaded.device)
     tasks = plan.probes_for(name)
-    reads = _probe_reads(tasks, prepared.info, outcome)
+    reads = _probe_reads(tasks, loaded, outcome)
     reduced = _trace_all(loaded, reads, batches, outcome)
-    failed = {f["name"] for f in outcome.failures if f["model"] == name}
+    failed = {f.name for f in outcome.failures if f.model == name}
 
     for task in progress(tasks, desc=f"{name}: probes"):
         if task.name in failed:

@@ -55,19 +55,11 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
 from pydantic import Field, field_validator, model_validator
 
-from probescope.architectures.base import COMPONENTS
-from probescope.errors import PluginError
-from probescope.plugins import hookimpl
-from probescope.probe import Parameters
-from probescope.renderer import (
-    Renderer,
-    coerce_parameters,
-    coord_text,
-    index_values,
-    known_colormap,
-    required_variable,
-    split_models,
+from probescope import (
+    COMPONENTS, Renderer, RendererError, RendererParameters, add_title, coord_text, hookimpl, index_values,
+    known_colormap, panel_grid,
 )
+from probescope.probes.component_norm import SCHEMA
 
 #: The default colour map: ColorBrewer blues (RdBu's) through white to ColorBrewer
 #: oranges (PuOr's), so values below the centre read blue and values above it orange.
@@ -103,15 +95,11 @@ _COLORBAR_W = 0.95
 _TITLE_H = 0.35
 
 
-class ComponentHeatmapError(PluginError, ValueError):
-    """The datasets or the parameters cannot be drawn as a component heatmap.
-
-    A :class:`~probescope.errors.PluginError` (so the command line reports it without a
-    traceback) and a :class:`ValueError` (so Python callers can catch it as bad input).
-    """
+class ComponentHeatmapError(RendererError):
+    """The datasets or the parameters cannot be drawn as a component heatmap."""
 
 
-class ComponentHeatmapParameters(Parameters):
+class ComponentHeatmapParameters(RendererParameters):
     """Parameters of the ``component_heatmap`` renderer."""
 
     center: Optional[float] = Field(
@@ -186,7 +174,6 @@ class ComponentHeatmapParameters(Parameters):
         description="Height of each panel's heatmap in inches. Default: from the number "
         "of layers.",
     )
-    title: Optional[str] = Field(None, description="Title above the figure; none by default.")
 
     @field_validator("cmap")
     @classmethod
@@ -266,6 +253,8 @@ class ComponentHeatmapRenderer(Renderer):
         "a model family lacks are hatched."
     )
     Parameters = ComponentHeatmapParameters
+    Error = ComponentHeatmapError
+    schema = SCHEMA
 
     def render(self, datasets: Sequence[xr.Dataset], params: Any = None) -> Figure:
         """Draw the ``component_norm`` datasets (one per model, in order).
@@ -279,8 +268,8 @@ class ComponentHeatmapRenderer(Renderer):
             names outside :data:`~probescope.architectures.base.COMPONENTS`), or
             different statistics asked to share one colour scale.
         """
-        params = coerce_parameters(ComponentHeatmapParameters, params)
-        panels = _panels(datasets)
+        params = self.parameters(params)
+        panels = _panels(self.models(datasets, needs=("value", "layer", "component")))
         log = _transform(panels, params)
         norms = _norms(panels, params, log)
         return _draw(panels, norms, params, log)
@@ -302,11 +291,8 @@ def component_label(component: str, wrap: bool = False) -> str:
 
 
 
-def _panels(datasets: Sequence[xr.Dataset]) -> list[_Panel]:
-    checked = [
-        (model, ds, _check_dataset(model, ds), combined)
-        for model, ds, combined in split_models(datasets, ComponentHeatmapError, "component_heatmap", "component_norm")
-    ]
+def _panels(models: list[tuple[str, xr.Dataset, bool]]) -> list[_Panel]:
+    checked = [(model, ds, _components(model, ds), combined) for model, ds, combined in models]
     # Every panel gets the same columns: every component any model's dataset lists, in
     # the canonical order whatever order the datasets have.
     listed = {c for _, _, components, _ in checked for c in components}
@@ -317,55 +303,15 @@ def _panels(datasets: Sequence[xr.Dataset]) -> list[_Panel]:
     ]
 
 
-def _check_dataset(model: str, ds: xr.Dataset) -> list[str]:
-    """The dataset's component names, once it is checked against the component_norm schema."""
-    value = required_variable(ds, "value", model, ComponentHeatmapError, "component_heatmap", "component_norm")
-    if set(value.dims) != {"layer", "component"}:
-        raise ComponentHeatmapError(
-            f"model {model!r}: 'value' has dimensions {tuple(value.dims)}, expected "
-            "('layer', 'component')"
-        )
-    if not np.issubdtype(value.dtype, np.number):
-        raise ComponentHeatmapError(
-            f"model {model!r}: 'value' holds {value.dtype} data, expected numbers"
-        )
-    if ds.sizes["layer"] == 0 or ds.sizes["component"] == 0:
-        raise ComponentHeatmapError(
-            f"model {model!r}: the dataset has {ds.sizes['layer']} layer(s) and "
-            f"{ds.sizes['component']} component(s); it needs at least one of each"
-        )
-    if "component" not in ds.coords:
-        raise ComponentHeatmapError(
-            f"model {model!r}: the dataset has no 'component' coordinate naming its "
-            f"components (expected names from {', '.join(COMPONENTS)})"
-        )
-    components = [coord_text(c) for c in ds["component"].values]
-    unknown = [c for c in components if c not in COMPONENTS]
-    if unknown:
-        raise ComponentHeatmapError(
-            f"model {model!r}: unknown component(s) {', '.join(map(repr, unknown))}; "
-            f"expected names from {', '.join(COMPONENTS)}"
-        )
-    twice = sorted({c for c in components if components.count(c) > 1})
-    if twice:
-        raise ComponentHeatmapError(
-            f"model {model!r}: component(s) {', '.join(map(repr, twice))} listed more than once"
-        )
-    if "layer" in ds.coords:
-        layers = ds["layer"].values
-        if not np.issubdtype(layers.dtype, np.integer):
-            raise ComponentHeatmapError(
-                f"model {model!r}: the 'layer' coordinate holds {layers.dtype} values, "
-                "expected integer block indices"
-            )
-        if len(set(layers.tolist())) != len(layers):
-            raise ComponentHeatmapError(f"model {model!r}: a layer is listed more than once")
+def _components(model: str, ds: xr.Dataset) -> list[str]:
+    """The dataset's component names (the schema has checked them), and ``present``
+    checked: per component, or per cell where combining models broadcast it."""
     if "present" in ds and not set(ds["present"].dims) <= {"layer", "component"}:
         raise ComponentHeatmapError(
             f"model {model!r}: 'present' has dimensions {tuple(ds['present'].dims)}, "
             "expected ('component',) or ('layer', 'component')"
         )
-    return components
+    return [coord_text(c) for c in ds["component"].values]
 
 
 def _panel(
@@ -600,8 +546,7 @@ def _draw(
 ) -> Figure:
     layout = _layout(panels, params)
     n = len(panels)
-    n_cols = min(n, params.columns)
-    n_rows = math.ceil(n / n_cols)
+    n_rows, n_cols = panel_grid(n, params.columns)
     shared = params.shared_scale
 
     xlabel_h = 0.55 if layout.wrap_labels else 0.35
@@ -647,8 +592,7 @@ def _draw(
             handles=handles, loc="outside lower center", ncols=len(handles), frameon=False,
             fontsize=8, handlelength=1.6, handleheight=1.2,
         )
-    if params.title:
-        figure.suptitle(params.title, fontsize=12, parse_math=False)
+    add_title(figure, params.title)
     return figure
 
 

@@ -56,17 +56,10 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from pydantic import Field, field_validator
 
-from probescope.errors import PluginError
-from probescope.plugins import hookimpl
-from probescope.probe import Parameters
-from probescope.renderer import (
-    Renderer,
-    coerce_parameters,
-    coord_text,
-    index_values,
-    required_variable,
-    split_models,
+from probescope import (
+    Renderer, RendererError, RendererParameters, add_title, coord_text, hookimpl, index_values, panel_grid,
 )
+from probescope.probes.head_classifier import SCHEMA
 
 #: The flag meaning of heads in no category.
 UNCLASSIFIED = "unclassified"
@@ -132,21 +125,16 @@ def meaning_label(meaning: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-class HeadCategoryMapError(PluginError, ValueError):
-    """The datasets or the parameters cannot be drawn as a head category map.
-
-    A :class:`~probescope.errors.PluginError` (so the command line reports it without a
-    traceback) and a :class:`ValueError` (so Python callers can catch it as bad input).
-    """
+class HeadCategoryMapError(RendererError):
+    """The datasets or the parameters cannot be drawn as a head category map."""
 
 
 ColorValue = Union[str, tuple[float, float, float], tuple[float, float, float, float]]
 
 
-class HeadCategoryMapParameters(Parameters):
+class HeadCategoryMapParameters(RendererParameters):
     """Parameters of the ``head_category_map`` renderer."""
 
-    title: Optional[str] = Field(None, description="Title above the figure; none by default.")
     columns: Optional[int] = Field(
         None,
         ge=1,
@@ -225,6 +213,8 @@ class HeadCategoryMapRenderer(Renderer):
         "one colour per category, grey for unclassified, purples for several categories."
     )
     Parameters = HeadCategoryMapParameters
+    Error = HeadCategoryMapError
+    schema = SCHEMA
 
     def render(self, datasets: Sequence[xr.Dataset], params: Any = None) -> Figure:
         """Draw the ``head_classifier`` datasets (one per model, in order).
@@ -238,13 +228,9 @@ class HeadCategoryMapRenderer(Renderer):
             attributes or with flags they do not define; a colour given for a meaning no
             dataset defines.
         """
-        params = coerce_parameters(HeadCategoryMapParameters, params)
-        panels = [
-            _panel(model, ds, combined)
-            for model, ds, combined in split_models(
-                datasets, HeadCategoryMapError, "head_category_map", "head_classifier"
-            )
-        ]
+        params = self.parameters(params)
+        panels = [_panel(model, ds, combined)
+                  for model, ds, combined in self.models(datasets, needs=("category", "layer", "head"))]
         meanings = _legend_meanings(panels)
         colors = _meaning_colors(meanings, params.colors)
         return _draw(panels, meanings, colors, params)
@@ -255,25 +241,11 @@ class HeadCategoryMapRenderer(Renderer):
 
 
 def _panel(model: str, ds: xr.Dataset, combined: bool) -> _Panel:
-    category = required_variable(ds, "category", model, HeadCategoryMapError, "head_category_map", "head_classifier")
-    if set(category.dims) != {"layer", "head"} or category.ndim != 2:
-        raise HeadCategoryMapError(
-            f"model {model!r}: 'category' has dimensions {tuple(category.dims)}, expected "
-            "('layer', 'head')"
-        )
-    if ds.sizes["layer"] == 0 or ds.sizes["head"] == 0:
-        raise HeadCategoryMapError(
-            f"model {model!r}: the dataset has {ds.sizes['layer']} layer(s) and "
-            f"{ds.sizes['head']} head(s); it needs at least one of each"
-        )
-    if not (np.issubdtype(category.dtype, np.integer) or np.issubdtype(category.dtype, np.floating)):
-        raise HeadCategoryMapError(
-            f"model {model!r}: 'category' holds {category.dtype} data, expected integer flags"
-        )
+    category = ds["category"]  # the schema has checked its dimensions and type
     flag_values, flag_meanings = _flags(model, category, combined)
 
-    layers = _coordinate(model, ds, "layer")
-    heads = _coordinate(model, ds, "head")
+    layers = index_values(ds, "layer")
+    heads = index_values(ds, "head")
     data = np.asarray(category.transpose("head", "layer").values, dtype=float)
 
     finite = np.isfinite(data)
@@ -355,18 +327,6 @@ def _flags(model: str, category: xr.DataArray, combined: bool) -> tuple[list[int
     return values, meanings
 
 
-def _coordinate(model: str, ds: xr.Dataset, dim: str) -> list[int]:
-    if dim in ds.coords and not np.issubdtype(ds[dim].dtype, np.integer):
-        raise HeadCategoryMapError(
-            f"model {model!r}: the {dim!r} coordinate holds {ds[dim].dtype} values, "
-            f"expected integer {dim} indices"
-        )
-    values = index_values(ds, dim)
-    if len(set(values)) != len(values):
-        raise HeadCategoryMapError(f"model {model!r}: a {dim} is listed more than once")
-    return values
-
-
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(value)
 
@@ -429,13 +389,6 @@ def _meaning_colors(meanings: list[str], overrides: Optional[dict[str, Any]]) ->
 # Drawing
 
 
-def _grid_shape(n: int, columns: Optional[int]) -> tuple[int, int]:
-    if columns is None:
-        columns = n if n <= 3 else 2 if n == 4 else 3
-    columns = min(columns, n)
-    return math.ceil(n / columns), columns
-
-
 def _panel_size(panels: list[_Panel], params: HeadCategoryMapParameters) -> tuple[float, float]:
     if params.panel_size is not None:
         return params.panel_size
@@ -450,7 +403,7 @@ def _draw(
     panels: list[_Panel], meanings: list[str], colors: dict[str, tuple],
     params: HeadCategoryMapParameters,
 ) -> Figure:
-    n_rows, n_cols = _grid_shape(len(panels), params.columns)
+    n_rows, n_cols = panel_grid(len(panels), params.columns)
     width, height = _panel_size(panels, params)
 
     blank = any(np.isnan(panel.flags).any() for panel in panels)
@@ -478,8 +431,7 @@ def _draw(
         handles=handles, loc="outside lower center", ncols=legend_cols, frameon=False,
         fontsize=8, handlelength=1.4, handleheight=1.1, columnspacing=1.2,
     )
-    if params.title:
-        figure.suptitle(params.title, fontsize=12, parse_math=False)
+    add_title(figure, params.title)
     return figure
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import matplotlib
 import numpy as np
@@ -44,25 +44,16 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from pydantic import Field, field_validator, model_validator
 
-from probescope.errors import PluginError
-from probescope.plugins import hookimpl
-from probescope.probe import Parameters
-from probescope.probes.token_similarity import EMBED_LAYER, resolve_layers
-from probescope.tokens import clean_token
-from probescope.renderer import (
-    Renderer,
-    coerce_parameters,
-    coord_text,
-    index_values,
-    known_colormap,
-    required_variable,
-    split_models,
+from probescope import (
+    EMBED, EMBED_LAYER, Layer, Problem, Renderer, RendererError, RendererParameters, add_title, coord_text, distinct,
+    clean_token, hookimpl, index_values, known_colormap, layer_label, resolve_layer, resolve_layers,
 )
+from probescope.probes.token_similarity import SCHEMA
 
 #: How a layer is chosen, as in the token_similarity probe's ``layers``: a block index
 #: (0-based; negative counts from the end of each model's blocks, so -1 is its last block),
 #: ``"embed"`` for the embedding output, or ``"last"`` (the same as -1).
-LayerChoice = Union[int, Literal["embed", "last"]]
+LayerChoice = Layer
 
 _METRIC_LABELS = {
     "cosine": "cosine similarity",
@@ -79,15 +70,11 @@ _MIN_TICK_FONT = 4.5  # points: below this token labels give way to positions
 _TOKEN_LABEL_CHARS = 12
 
 
-class SimilarityGridError(PluginError, ValueError):
-    """The datasets or the parameters cannot be drawn as a similarity grid.
-
-    A :class:`~probescope.errors.PluginError` (so the command line reports it without a
-    traceback) and a :class:`ValueError` (so Python callers can catch it as bad input).
-    """
+class SimilarityGridError(RendererError):
+    """The datasets or the parameters cannot be drawn as a similarity grid."""
 
 
-class SimilarityGridParameters(Parameters):
+class SimilarityGridParameters(RendererParameters):
     """Parameters of the ``similarity_grid`` renderer."""
 
     prompt: int = Field(
@@ -162,22 +149,13 @@ class SimilarityGridParameters(Parameters):
         description="Show the prompt's image (the dataset's thumbnail, when it has one) beside "
         "the grid, above the prompt, and mark its tokens' spans on the axes.",
     )
-    title: Optional[str] = Field(None, description="Title above the figure; none by default.")
 
     @field_validator("layers")
     @classmethod
     def _check_layers(cls, layers: Optional[tuple[Any, ...]]) -> Optional[tuple[Any, ...]]:
         if layers is None:
             return None
-        if not layers:
-            raise ValueError("give at least one layer, or leave `layers` out to draw them all")
-        seen: set[Any] = set()
-        for layer in layers:
-            key = -1 if layer == "last" else layer
-            if key in seen:
-                raise ValueError(f"layer {layer!r} is listed twice")
-            seen.add(key)
-        return layers
+        return distinct(tuple(-1 if layer == "last" else layer for layer in layers)) and layers
 
     @field_validator("cmap")
     @classmethod
@@ -234,24 +212,27 @@ class SimilarityGridRenderer(Renderer):
         "heatmaps: one row per model, one column per layer, one shared colour scale."
     )
     Parameters = SimilarityGridParameters
+    Error = SimilarityGridError
+    schema = SCHEMA
 
     def check(self, params, *, prompts, probe_params, model):
         """The prompt must be one of the run's, and every layer one the probe reads."""
-        from probescope.errors import Problem
-
         problems = []
         if params.prompt >= len(prompts):
             problems.append(Problem("prompt", f"prompt {params.prompt} is out of range: the run has "
                                               f"{len(prompts)} prompts (0 to {len(prompts) - 1})"))
-        read = resolve_layers(getattr(probe_params, "layers", None), model.num_layers)
+        try:
+            read = resolve_layers(getattr(probe_params, "layers", None), model.num_layers)
+        except ValueError:  # the probe's own check reports its layers
+            return problems
         for i, want in enumerate(params.layers or ()):
-            if want == "embed":
-                value = EMBED_LAYER
-            else:
-                value = -1 if want == "last" else want
-                value = value + model.num_layers if value < 0 else value
+            try:
+                value = resolve_layer(want, model.num_layers)
+            except ValueError as exc:
+                problems.append(Problem(f"layers[{i}]", str(exc)))
+                continue
             if value not in read:
-                have = ", ".join("embed" if v == EMBED_LAYER else str(v) for v in read)
+                have = ", ".join(map(layer_label, read))
                 problems.append(Problem(f"layers[{i}]", f"layer {want!r} is not among the layers the probe reads ({have})"))
         return problems
 
@@ -265,8 +246,8 @@ class SimilarityGridRenderer(Renderer):
         :raises SimilarityGridError: no datasets, a dataset that is not a
             ``token_similarity`` result, a prompt or layer a model does not have.
         """
-        params = coerce_parameters(SimilarityGridParameters, params)
-        rows = _rows(datasets, params)
+        params = self.parameters(params)
+        rows = _rows(self.models(datasets, needs=("similarity",)), params)
         metric = _metric_label(rows)
         norm = _norm(rows, params)
         return _draw(rows, params, norm, metric)
@@ -278,12 +259,12 @@ class SimilarityGridRenderer(Renderer):
 
 
 
-def _split_models(datasets: Sequence[xr.Dataset]) -> list[tuple[str, xr.Dataset]]:
+def _without_padding(models: list[tuple[str, xr.Dataset, bool]]) -> list[tuple[str, xr.Dataset]]:
     """(model name, dataset) per model; in datasets combined along ``model``, the layers
     combining padded with NaN (a layer another model has) are dropped."""
     out = []
-    for model, ds, combined in split_models(datasets, SimilarityGridError, "similarity_grid", "token_similarity"):
-        if combined and "similarity" in ds:
+    for model, ds, combined in models:
+        if combined:
             sim = ds["similarity"]
             other = [d for d in sim.dims if d != "layer"]
             ds = ds.isel(layer=np.flatnonzero(sim.notnull().any(other).values))
@@ -291,8 +272,8 @@ def _split_models(datasets: Sequence[xr.Dataset]) -> list[tuple[str, xr.Dataset]
     return out
 
 
-def _rows(datasets: Sequence[xr.Dataset], params: SimilarityGridParameters) -> list[_Row]:
-    rows = [_row(model, ds, params.prompt) for model, ds in _split_models(datasets)]
+def _rows(models: list[tuple[str, xr.Dataset, bool]], params: SimilarityGridParameters) -> list[_Row]:
+    rows = [_row(model, ds, params.prompt) for model, ds in _without_padding(models)]
 
     texts = {row.prompt_text for row in rows if row.prompt_text is not None}
     if len(texts) > 1:
@@ -309,14 +290,7 @@ def _rows(datasets: Sequence[xr.Dataset], params: SimilarityGridParameters) -> l
 
 
 def _row(model: str, ds: xr.Dataset, prompt: int) -> _Row:
-    sim = required_variable(ds, "similarity", model, SimilarityGridError, "similarity_grid", "token_similarity")
-    needed = ("prompt", "layer", "token", "context_token")
-    if set(sim.dims) != set(needed):
-        raise SimilarityGridError(
-            f"model {model!r}: 'similarity' has dimensions {tuple(sim.dims)}, "
-            f"expected {needed}"
-        )
-
+    # The schema has checked 'similarity' and its dimensions.
     # Find the prompt by its index (the coordinate), not by position in the file.
     indices = index_values(ds, "prompt")
     if prompt not in indices:
@@ -358,7 +332,7 @@ def _row(model: str, ds: xr.Dataset, prompt: int) -> _Row:
     if "layer_label" in ds.coords or "layer_label" in ds:
         labels = [coord_text(v) for v in ds["layer_label"].values]
     else:
-        labels = ["embed" if v == EMBED_LAYER else str(v) for v in values]
+        labels = [layer_label(v) for v in values]
     layers = list(zip(values, labels))
     similarity = one["similarity"].transpose("layer", "token", "context_token")
     # The model's depth, for negative layer choices; datasets written without it fall
@@ -410,13 +384,14 @@ def _choose_layers(row: _Row, params: SimilarityGridParameters) -> list[tuple[in
 
     chosen = []
     for want in params.layers:
-        if want == "embed":
-            match = [layer for layer in available if layer[1] == "embed" or layer[0] == EMBED_LAYER]
+        try:
+            value = resolve_layer(want, row.num_layers)
+        except ValueError:  # a block this model does not have
+            value = None
+        if want == EMBED:
+            match = [layer for layer in available if layer[1] == EMBED or layer[0] == EMBED_LAYER]
         else:
-            block = -1 if want == "last" else want
-            if block < 0:
-                block += row.num_layers
-            match = [layer for layer in available if layer[0] == block and layer[1] != "embed"]
+            match = [layer for layer in available if layer[0] == value and layer[1] != EMBED]
         if not match:
             have = ", ".join(label for _, label in available)
             raise SimilarityGridError(
@@ -604,8 +579,7 @@ def _draw(
 
     if prompt_fig is not None:
         _draw_prompt(prompt_fig, rows, params, figure.get_figheight())
-    if params.title:
-        figure.suptitle(params.title, fontsize=12, parse_math=False)
+    add_title(figure, params.title)
     return figure
 
 

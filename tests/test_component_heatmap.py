@@ -561,7 +561,7 @@ def test_wrong_dimensions(renderer):
     ds = make_dataset("gpt2").rename({"component": "site"})
     with pytest.raises(
         ComponentHeatmapError,
-        match=r"model 'gpt2': 'value' has dimensions \('layer', 'site'\), expected \('layer', 'component'\)",
+        match=r"model 'gpt2': .*'value' has dimensions \('layer', 'site'\), expected \('layer', 'component'\)",
     ):
         renderer.render([ds], None)
     ds = make_dataset("gpt2").expand_dims(prompt=2)
@@ -572,7 +572,7 @@ def test_wrong_dimensions(renderer):
 def test_unknown_component(renderer):
     ds = make_dataset("gpt2", components=["attn.q", "attn.qkv"], absent=())
     with pytest.raises(
-        ComponentHeatmapError, match=r"model 'gpt2': unknown component\(s\) 'attn.qkv'; expected names from attn.q"
+        ComponentHeatmapError, match=r"model 'gpt2': 'component' holds unknown value\(s\) 'attn.qkv'; expected names from attn.q"
     ):
         renderer.render([ds], None)
 

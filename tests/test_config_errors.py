@@ -133,7 +133,7 @@ CASES = [
     Case("unknown-probe-parameter", edit(lambda t: with_probe_key(t, "layer = 2")),
          "probes[0]", ["unknown key 'layer'", "token_similarity takes layers, metric"]),
     Case("unknown-renderer-parameter", edit(lambda t: with_renderer_key(t, 'colour = "red"')),
-         "renderers[0]", ["unknown key 'colour'", "similarity_grid takes prompt, layers,"]),
+         "renderers[0]", ["unknown key 'colour'", "similarity_grid takes title, prompt, layers,"]),
     Case("metric-not-allowed", edit(lambda t: with_probe_key(t, 'metric = "euclid"')),
          "probes[0].metric", ["'cosine' or 'centred_cosine'", "(got 'euclid')"]),
     Case("renderer-parameter-wrong-type", edit(lambda t: with_renderer_key(t, 'prompt = "first"')),
@@ -150,7 +150,7 @@ CASES = [
     Case("layers-not-a-list", gpt2_config(layers='"all"'),
          "probes[0].layers", ["valid list", "(got 'all')"]),
     Case("layers-empty", gpt2_config(layers="[]"),
-         "probes[0].layers", ["at least one layer"]),
+         "probes[0].layers", ["give at least one"]),
     Case("dtype-not-allowed", edit(lambda t: with_model_key(t, 'dtype = "int8"')),
          "models[0].dtype", ["'float32'", "'bfloat16'", "(got 'int8')"]),
     Case("output-dir-wrong-type", edit(lambda t: replace(t, 'dir = "out"', "dir = 5")),
@@ -165,9 +165,9 @@ CASES = [
          "models", ["at least one [[models]] entry"]),
     # ---- layers checked against the model's config (3 layers)
     Case("layer-too-high", gpt2_config(layers="[0, 3]"),
-         "probes[0].layers[1]", ["model 'tiny'", "layer 3 is out of range", "has 3 layers", 'give -3..2 or "embed"']),
+         "probes[0].layers[1]", ["model 'tiny'", "layer 3 is out of range", "has 3 layers", 'give -3..2, "last" or "embed"']),
     Case("layer-too-low", gpt2_config(layers="[0, -4]"),
-         "probes[0].layers[1]", ["layer -4 is out of range", 'give -3..2 or "embed"']),
+         "probes[0].layers[1]", ["layer -4 is out of range", 'give -3..2, "last" or "embed"']),
     Case("layer-out-of-range-llama", edit(lambda t: t, model="llama", layers='["embed", 7]'),
          "probes[0].layers[1]", ["layer 7 is out of range", "has 3 layers"]),
     # ---- models
@@ -265,7 +265,7 @@ def test_problem_count_in_header(model_dirs, write_config, capsys):
     assert err.splitlines()[0] == f"error: {path}: 1 problem(s) in the configuration"
     assert problem_lines(err, path) == [
         "probes[0].layers[1]: model 'tiny': layer 3 is out of range: the model has 3 layers, "
-        'so give -3..2 or "embed"'
+        'so give -3..2, "last" or "embed"'
     ]
 
 

@@ -520,7 +520,7 @@ def test_wrong_dimensions(renderer):
     ds = make_dataset("gpt2", layers=2, heads=2).rename({"head": "unit"})
     with pytest.raises(
         HeadCategoryMapError,
-        match=r"model 'gpt2': 'category' has dimensions \('layer', 'unit'\), expected \('layer', 'head'\)",
+        match=r"model 'gpt2': .*'category' has dimensions \('layer', 'unit'\), expected \('layer', 'head'\)",
     ):
         renderer.render([ds], None)
     ds = make_dataset("gpt2", layers=2, heads=2)

@@ -21,8 +21,8 @@ import torch
 from probescope import api
 from probescope.errors import ConfigError
 from probescope.probes.head_classifier import RelationCoverageWarning
-from probescope.relation_scores import PairSet, reference_scores, relation_scores
-from probescope.relations import read_relation_file, tokenize_relation
+from probescope.probes.head_classifier.relation_scores import PairSet, reference_scores, relation_scores
+from probescope.probes.head_classifier.relations import read_relation_file, tokenize_relation
 
 # (name, category, pairs): 8 pairs each, no word shared between relations.
 RELATIONS = [

@@ -201,7 +201,8 @@ def test_api_failure_keeps_the_other_datasets(gpt2, tokenizer):
     config = {"inputs": {"prompts": PROMPTS}, "probes": [{"use": "token_similarity", "layers": [0]}, {"use": "broken"}]}
     with pytest.raises(probescope.RunFailed) as info:
         probescope.run(config, models={"m": (gpt2, tokenizer)}, write=False, plugins=[("local", Plugin())])
-    assert info.value.failures == [{"model": "m", "step": "probe", "name": "broken", "error": "KeyError: 'no such thing'"}]
+    assert info.value.failures == [probescope.Failure("m", "probe", "broken", "KeyError: 'no such thing'")]
+    assert str(info.value.failures[0]) == "model 'm': probe 'broken' failed: KeyError: 'no such thing'"
     assert list(info.value.datasets["m"]) == ["token_similarity"]
 
 

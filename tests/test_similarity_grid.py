@@ -162,9 +162,9 @@ def test_parameter_defaults_and_validation():
         SimilarityGridParameters(cmap="NoSuchMap")
     with pytest.raises(pydantic.ValidationError, match="must be below vmax"):
         SimilarityGridParameters(vmin=1.0, vmax=0.5)
-    with pytest.raises(pydantic.ValidationError, match="listed twice"):
+    with pytest.raises(pydantic.ValidationError, match="listed more than once"):
         SimilarityGridParameters(layers=[-1, "last"])  # both name the last block
-    with pytest.raises(pydantic.ValidationError, match="at least one layer"):
+    with pytest.raises(pydantic.ValidationError, match="give at least one"):
         SimilarityGridParameters(layers=[])
     with pytest.raises(pydantic.ValidationError):
         SimilarityGridParameters(prompt=-1)

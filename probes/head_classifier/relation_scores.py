@@ -47,7 +47,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from probescope.architectures.layout import ModelLayout
+from probescope import ModelLayout
 
 #: First vocabulary chunk; each later chunk doubles, up to :data:`MAX_CHUNK`. Measured
 #: on the benchmark's full run: 64 and 32 equally fast, 512 half again slower.

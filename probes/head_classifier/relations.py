@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from probescope.errors import ProbescopeError
+from probescope import ProbescopeError
 
 #: The categories of the shipped relations, in the order datasets and figures list them.
 BUILTIN_CATEGORIES = ("algorithmic", "knowledge", "linguistic", "translation")
@@ -225,7 +225,7 @@ def _no_duplicates(relations: Iterable[Relation]) -> None:
 @functools.lru_cache(maxsize=1)
 def builtin_relations() -> tuple[Relation, ...]:
     """The shipped relations, in category order then by name."""
-    folder = resources.files("probescope") / "relation_data"
+    folder = resources.files("probescope.probes.head_classifier") / "relation_data"
     relations = []
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".json"):

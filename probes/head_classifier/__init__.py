@@ -8,7 +8,10 @@ fraction of pairs whose target token is among the top ``k`` tokens of
 ``x W_V^h W_O^h W_U``, ``x`` being the source token's embedding, passed through block 0's
 MLP for heads after block 0 (``through_first_mlp``, on by default as in MAPS). The
 **suppression score** is the same for the ``k`` lowest tokens. No forward pass: only
-weights are read (:mod:`probescope.relation_scores` says how it is fast and exact).
+weights are read (:mod:`probescope.probes.head_classifier.relation_scores` says how it is
+fast and exact). The plugin is self-contained: its scoring, its relation files' reader
+(:mod:`~probescope.probes.head_classifier.relations`) and the shipped relations
+(``relation_data/``) live in this folder.
 
 A head **belongs to a category** (algorithmic, knowledge, linguistic, translation, or a
 user's own) when any relation of that category scores at least ``threshold`` for it;
@@ -33,14 +36,14 @@ from typing import Annotated, Any, Literal, Optional
 import numpy as np
 import torch
 import xarray as xr
-from pydantic import AfterValidator, Field, PositiveInt, StrictInt, field_validator, model_validator
+from pydantic import AfterValidator, Field, PositiveInt, field_validator, model_validator
 
-from probescope.errors import Problem, ProbescopeWarning
-from probescope.plugins import hookimpl
-from probescope.probe import ConfigPath, Parameters, Probe, ProbeRun, block_layers, layer_problems
-from probescope.progress import progress
-from probescope.relation_scores import PairSet, relation_scores
-from probescope.relations import (
+from probescope import (
+    Block, ConfigPath, DatasetSchema, Parameters, Probe, ProbeRun, ProbescopeWarning, Problem, Variable, distinct,
+    hookimpl, layer_problems, progress, resolve_layers,
+)
+from probescope.probes.head_classifier.relation_scores import PairSet, relation_scores
+from probescope.probes.head_classifier.relations import (
     Relation,
     RelationFileError,
     categories_of,
@@ -91,21 +94,15 @@ class HeadClassifierParameters(Parameters):
         DEFAULT_THRESHOLD, gt=0.0, le=1.0, description="a head is in a category when a relation of it scores at least this")
     classify_by: Literal["relation", "suppression", "either"] = Field(
         "relation", description="which score places heads in categories")
-    layers: Optional[list[StrictInt]] = Field(
-        None, description="block indices (negative count from the end); default every block")
+    layers: Optional[list[Block]] = Field(
+        None, description='block indices (negative count from the end) or "last"; default every block')
     precision: Literal["float32", "float64"] = Field(
         "float32", description="arithmetic of the projections; float64 rules out near-ties flipping a rank")
 
     @field_validator("relations", "layers")
     @classmethod
     def _not_empty(cls, values: Optional[list]) -> Optional[list]:
-        if values is not None and not values:
-            raise ValueError("give at least one, or leave the key out for all of them")
-        if values is not None:
-            repeated = sorted({str(v) for v in values if values.count(v) > 1})
-            if repeated:
-                raise ValueError(f"listed more than once: {', '.join(repeated)}")
-        return values
+        return distinct(values)
 
     @model_validator(mode="after")
     def _relations_exist(self) -> "HeadClassifierParameters":
@@ -128,11 +125,55 @@ class HeadClassifierParameters(Parameters):
         return self.k or (25 if large else 10)
 
 
+SCHEMA = DatasetSchema(
+    probe="head_classifier",
+    dims={
+        "layer": "blocks, from 0",
+        "head": "query heads, from 0",
+        "relation": "the relations scored",
+        "category_name": "the categories, built-in first, then users' in order of appearance",
+    },
+    coords={
+        "layer": Variable(("layer",), "int64", "block index"),
+        "head": Variable(("head",), "int64", "query head index"),
+        "relation": Variable(("relation",), "str", "relation name"),
+        "relation_category": Variable(("relation",), "str", "the relation's category"),
+        "relation_description": Variable(("relation",), "str", "what the relation maps"),
+        "kept_pairs": Variable(("relation",), "int64", "pairs whose source and target are single tokens for this model"),
+        "total_pairs": Variable(("relation",), "int64", "pairs in the relation"),
+        "k": Variable(("relation",), "int64", "the top-k the scores use"),
+        "category_name": Variable(("category_name",), "str", "category name"),
+    },
+    variables={
+        "relation_score": Variable(("layer", "head", "relation"), "float64",
+                                   "fraction of kept pairs with the target among the head's top k tokens; "
+                                   "NaN where the relation was not scored"),
+        "suppression_score": Variable(("layer", "head", "relation"), "float64",
+                                      "the same for the head's k lowest tokens"),
+        "category": Variable(("layer", "head"), "int8",
+                             "0 unclassified, 1..C one category (category_name order), C + n - 1 for n >= 2 categories",
+                             flags=True),
+        "in_category": Variable(("layer", "head", "category_name"), "bool",
+                                "the head implements some relation of the category"),
+        "n_categories": Variable(("layer", "head"), "int64", "how many categories the head is in"),
+    },
+    attrs={
+        "threshold": "a head is in a category when a relation of it scores at least this",
+        "classify_by": "relation, suppression or either: the score that places heads in categories",
+        "min_pairs": "relations keeping fewer pairs are not scored",
+        "through_first_mlp": "0 or 1: source embeddings passed through block 0's MLP",
+        "precision": "float32 or float64",
+        "unscored_relations": "relations that kept fewer than min_pairs pairs, space-separated",
+    },
+)
+
+
 class HeadClassifier(Probe):
     name = "head_classifier"
     version = "0.1.0"
     description = "MAPS: relation and suppression scores of every attention head, and its categories, from weights"
     Parameters = HeadClassifierParameters
+    schema = SCHEMA
 
     def check(self, params: HeadClassifierParameters, model: Any) -> list[Problem]:
         problems = layer_problems(params.layers, model.num_layers)
@@ -149,7 +190,7 @@ class HeadClassifier(Probe):
     def build(self, params: HeadClassifierParameters, run: ProbeRun) -> xr.Dataset:
         loaded = run.model
         layout = loaded.layout
-        layers = block_layers(params.layers, loaded.info.num_layers)
+        layers = sorted(resolve_layers(params.layers, loaded.num_layers))
         relations = params.chosen()
         vocabulary = int(layout.unembedding().weight.shape[0])  # the output layer's rows
 

@@ -1,0 +1,64 @@
+"""``docs/datasets.md``: its schema sections are generated from the probes' schemas, the
+prose around them is written by hand.
+
+Each section sits between ``<!-- schema: PROBE -->`` and ``<!-- /schema -->``; rewrite
+them all with::
+
+    python -m probescope.datasets_page docs/datasets.md
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from probescope.schema import DatasetSchema
+
+
+_SECTION = re.compile(r"(<!-- schema: (?P<probe>[\w.-]+) -->\n).*?(<!-- /schema -->)", re.S)
+
+
+def builtin_schemas() -> dict[str, DatasetSchema]:
+    """The schemas of the probes probescope ships, by probe name."""
+    from probescope.plugins.manager import load_registry
+
+    entries = load_registry().entries["probe"]
+    return {name: e.obj.schema for name, e in sorted(entries.items())
+            if e.origin.package == "probescope" and getattr(e.obj, "schema", None) is not None}
+
+
+def update_page(page: str, schemas: Mapping[str, DatasetSchema] | None = None) -> str:
+    """``page`` with every ``<!-- schema: NAME -->`` ... ``<!-- /schema -->`` section
+    rewritten from the schema of probe NAME.
+
+    :raises KeyError: a section names a probe without a schema.
+    """
+    schemas = builtin_schemas() if schemas is None else schemas
+
+    def section(match: re.Match) -> str:
+        schema = schemas[match["probe"]]
+        return f"{match[1]}{schema.markdown()}\n{match[3]}"
+
+    return _SECTION.sub(section, page)
+
+
+def sections(page: str) -> list[str]:
+    """The probe names whose schema sections ``page`` holds, in order."""
+    return [m["probe"] for m in _SECTION.finditer(page)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m probescope.schema PAGE``: rewrite PAGE's schema sections in place."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        sys.stderr.write("usage: python -m probescope.datasets_page docs/datasets.md\n")
+        return 2
+    path = Path(args[0])
+    path.write_text(update_page(path.read_text()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
