@@ -205,7 +205,7 @@ class ComponentNorm(Probe):
 
     def build(self, params: ComponentNormParameters, run: ProbeRun) -> xr.Dataset:
         layout = run.model.layout
-        layers = _layers(params, run.model.num_layers)
+        layers = _layers(params, run.model.info.num_layers)
         names = chosen_components(params)
         widths = np.array([_width(layout, name) or -1 for name in names], dtype=np.int64)
         values = np.full((len(layers), len(names)), np.nan)

@@ -11,7 +11,7 @@ import regex
 
 import real_tokenizers as rt
 from probescope.inputs import token_label
-from probescope.relations import builtin_relations, tokenize_relation
+from probescope.probes.head_classifier.relations import builtin_relations, tokenize_relation
 
 TOKENIZERS = {"gpt-2": rt.gpt2, "llama-spm": rt.llama2, "llama-bpe": rt.llama3}
 #: GPT-2's pre-tokenizer pattern (tiktoken's r50k_base).

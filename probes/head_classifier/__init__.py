@@ -190,7 +190,7 @@ class HeadClassifier(Probe):
     def build(self, params: HeadClassifierParameters, run: ProbeRun) -> xr.Dataset:
         loaded = run.model
         layout = loaded.layout
-        layers = sorted(resolve_layers(params.layers, loaded.num_layers))
+        layers = sorted(resolve_layers(params.layers, loaded.info.num_layers))
         relations = params.chosen()
         vocabulary = int(layout.unembedding().weight.shape[0])  # the output layer's rows
 
