@@ -1,9 +1,12 @@
 """Finding, loading and registering plugins.
 
-Every plugin, built-in or not, is an entry point in the group ``probescope``. Loading one
-that fails to import records the failure (shown by ``probescope plugins``) and carries on
-with the rest. Registration hooks are called one plugin at a time, so each probe,
-renderer and adapter is attributed to the plugin and distribution that provided it.
+Every plugin, built-in or not, is an entry point in the group ``probescope``, and every
+entry point loads, whatever its name (a third party's ``gpt2`` entry point loads beside
+the built-in one). Loading one that fails to import records the failure (shown by
+``probescope plugins``, and named when a run asks for something only it could have
+provided) and carries on with the rest. Registration hooks are called one plugin at a
+time, so each probe, renderer and adapter is attributed to the plugin and distribution
+that provided it, and two plugins registering one name is an error naming both.
 """
 
 from __future__ import annotations
@@ -53,6 +56,12 @@ class LoadFailure:
     plugin: str
     package: str
     error: str
+    version: str = ""
+
+    def describe(self) -> str:
+        """``plugin 'pkg' (dist 1.0) failed to load: <error>``."""
+        where = " ".join(part for part in (self.package, self.version) if part)
+        return f"plugin {self.plugin!r} ({where}) failed to load: {self.error}"
 
 
 @dataclass
@@ -79,7 +88,14 @@ class Registry:
             return self.entries[kind][name].obj
         except KeyError:
             known = ", ".join(self.names(kind)) or "none"
-            raise PluginError(f"unknown {kind} {name!r}; available: {known}") from None
+            broken = "".join(f"; {failure.describe()}" for failure in self.suspects(name))
+            raise PluginError(f"unknown {kind} {name!r}{broken}; available: {known}") from None
+
+    def suspects(self, name: str) -> list[LoadFailure]:
+        """The plugins that failed to load and might have provided ``name``: the one of
+        that name if there is one, else all of them."""
+        named = [failure for failure in self.failures if failure.plugin == name]
+        return named or list(self.failures)
 
     def all(self, kind: str) -> list[Any]:
         return [self.entries[kind][n].obj for n in self.names(kind)]
@@ -138,25 +154,29 @@ def load_registry(extra_plugins: Iterable[tuple[str, Any]] = ()) -> Registry:
     """
     manager = new_manager()
     registry = Registry(manager)
-    origins: dict[str, Origin] = {}
-    seen: set[str] = set()
+    origins: dict[str, Origin] = {}  # pluggy's name of each plugin -> where it came from
+    seen: set[tuple[str, str, str]] = set()
     for ep in _entry_points():
         origin = _origin(ep)
-        if ep.name in seen:  # the same distribution visible twice on sys.path
+        # The same distribution visible twice on sys.path lists its entry points twice;
+        # two distributions may each have an entry point of one name, and both load.
+        if (ep.name, ep.value, origin.package) in seen:
             continue
-        seen.add(ep.name)
+        seen.add((ep.name, ep.value, origin.package))
+        key = ep.name if ep.name not in origins else f"{ep.name} ({origin.package})"
         try:
             plugin = ep.load()
-            manager.register(plugin, name=ep.name)
+            manager.register(plugin, name=key)
         except Exception as exc:  # a broken plugin must not stop the others
-            registry.failures.append(LoadFailure(ep.name, origin.package, _describe(exc)))
+            registry.failures.append(LoadFailure(ep.name, origin.package, _describe(exc), origin.version))
             continue
-        origins[ep.name] = origin
+        origins[key] = origin
     for name, plugin in extra_plugins:
         if manager.is_registered(plugin):  # installed too, and already loaded from its entry point
             continue
-        manager.register(plugin, name=name)
-        origins[name] = Origin(name, "<local>", "")
+        key = name if name not in origins else f"{name} (<local>)"
+        manager.register(plugin, name=key)
+        origins[key] = Origin(name, "<local>", "")
     for kind in KINDS:
         _register_kind(registry, kind, origins)
     return registry
@@ -173,7 +193,7 @@ def _register_kind(registry: Registry, kind: str, origins: dict[str, Origin]) ->
         except PluginConflictError:
             raise
         except Exception as exc:
-            registry.failures.append(LoadFailure(impl.plugin_name, origin.package, _describe(exc)))
+            registry.failures.append(LoadFailure(origin.plugin, origin.package, _describe(exc), origin.version))
 
 
 def _describe(exc: BaseException) -> str:

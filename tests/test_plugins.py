@@ -8,7 +8,7 @@ import importlib.metadata
 import pytest
 
 from probescope.cli import main
-from probescope.errors import PluginConflictError
+from probescope.errors import PluginConflictError, PluginError
 from probescope.plugins.manager import load_registry
 
 BUILTINS = {
@@ -108,3 +108,60 @@ def test_lifecycle_hooks_see_every_dataset_and_the_end_of_the_run(gpt2, tokenize
         models={"m": (gpt2, tokenizer)}, write=False, plugins=[("recorder", Recorder())],
     )
     assert seen == [("dataset", "m", "token_similarity", "token_similarity"), ("finished", ["m"], [])]
+
+
+def test_an_entry_point_named_like_a_builtin_loads_too(install_plugin):
+    """A third party's entry point called ``gpt2`` (the built-in adapter's name) is not
+    skipped: its probe registers beside every built-in."""
+    install_plugin("acme-probes", {"gpt2": EXTRA_PROBE})
+    registry = load_registry()
+    assert registry.failures == []
+    extra = registry.entries["probe"]["extra"]
+    assert (extra.origin.plugin, extra.origin.package) == ("gpt2", "acme-probes")
+    builtin = registry.entries["architecture"]["gpt2"]
+    assert (builtin.origin.plugin, builtin.origin.package) == ("gpt2", "probescope")
+
+
+def test_two_third_party_plugins_of_one_entry_name_both_load(install_plugin):
+    install_plugin("acme-probes", {"extra": EXTRA_PROBE})
+    install_plugin("other-probes", {"extra": EXTRA_PROBE.replace('name = "extra"', 'name = "other"')})
+    registry = load_registry()
+    assert {"extra", "other"} <= set(registry.names("probe"))
+    assert registry.entries["probe"]["other"].origin.package == "other-probes"
+
+
+def test_two_plugins_registering_one_probe_name_under_one_entry_name_is_the_error_naming_both(install_plugin):
+    install_plugin("acme-probes", {"extra": EXTRA_PROBE})
+    install_plugin("other-probes", {"extra": EXTRA_PROBE})
+    with pytest.raises(PluginConflictError) as info:
+        load_registry()
+    message = str(info.value)
+    assert "probe 'extra' is registered twice" in message
+    assert "acme-probes 1.0" in message and "other-probes 1.0" in message
+
+
+def test_a_run_asking_for_a_broken_plugins_probe_names_the_failure(install_plugin, write_config, model_dirs, capsys):
+    install_plugin("broken-probes", {"broken": "raise ImportError('needs a library that is missing')"},
+                   version="0.3")
+    registry = load_registry()
+    with pytest.raises(PluginError) as info:
+        registry.get("probe", "broken")
+    message = str(info.value)
+    assert message.startswith("unknown probe 'broken'; plugin 'broken' (broken-probes 0.3) failed to load: "
+                              "ImportError: needs a library that is missing")
+    assert "available: " in message and "token_similarity" in message
+    # Any unknown name lists every plugin that failed, since any of them might have provided it.
+    with pytest.raises(PluginError, match=r"unknown probe 'x'; plugin 'broken' \(broken-probes 0.3\) failed to load"):
+        registry.get("probe", "x")
+    # And the configuration's error says the same, at the entry's key.
+    path = write_config(f'[[models]]\nname = "m"\npath = "{model_dirs["gpt2"]}"\n[inputs]\nprompts = ["a b"]\n'
+                        '[[probes]]\nuse = "broken"\n')
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "probes[0].use: unknown probe 'broken'; plugin 'broken' (broken-probes 0.3) failed to load: ImportError" in err
+
+
+def test_a_run_with_no_broken_plugin_says_only_unknown(install_plugin):
+    with pytest.raises(PluginError) as info:
+        load_registry().get("probe", "nonesuch")
+    assert "failed to load" not in str(info.value) and "unknown probe 'nonesuch'; available:" in str(info.value)
