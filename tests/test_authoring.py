@@ -100,7 +100,7 @@ def test_plugins_name_prints_parameters_from_the_schema(capsys):
     out = capsys.readouterr().out
     assert out.startswith("probe token_similarity 0.1.0  (from probescope")
     assert 'metric: "cosine" | "centred_cosine" = "cosine"' in out
-    assert "    layers: list of integer or \"embed\" = none" in out
+    assert "    layers: list of integer or \"last\" | \"embed\" = none" in out
     assert "block indices (negative count from the end)" in out  # the field's description
     assert main(["plugins", "component_heatmap"]) == 0
     out = capsys.readouterr().out

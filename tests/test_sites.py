@@ -453,7 +453,7 @@ def test_a_base_model_has_no_logits_and_that_probe_fails_alone(llama, tokenizer)
     with pytest.raises(probescope.RunFailed) as info:
         probescope.run(config, models={"m": (base, tokenizer)}, write=False, plugins=[("local", Both())])
     [failure] = info.value.failures
-    assert failure["name"] == "logit_reader" and "without logits: it has no output layer" in failure["error"]
+    assert failure.name == "logit_reader" and "without logits: it has no output layer" in failure.error
     ids = torch.tensor([tokenizer("a b c")["input_ids"]])
     with torch.no_grad():
         want = base(ids).last_hidden_state  # LlamaModel's last hidden state is after the final norm
