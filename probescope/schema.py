@@ -103,7 +103,7 @@ class DatasetSchema:
             used = any(dim in var.dims for var in declared.values())
             if (dim in dims_used or strict) and dim not in ds.dims and (dim in required or not used):
                 out.append(f"the dataset has no {dim!r} dimension")
-            elif dim in dims_used and not strict and ds.sizes[dim] == 0:
+            elif dim in dims_used and not strict and dim in ds.dims and ds.sizes[dim] == 0:
                 out.append(f"the dataset has 0 {dim}(s); it needs at least one")
         for name in wanted:
             var = declared[name]

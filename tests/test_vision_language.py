@@ -192,6 +192,13 @@ def test_thumbnail_is_kept_small_in_uint8(runs, pictures):
     assert list(text_only.thumbnail_height.values) == [40, 0] and list(text_only.n_image_tokens.values) == [16, 0]
 
 
+@pytest.mark.parametrize("name", ["llava", "idefics3", "paligemma", "qwen2_vl"])
+def test_vision_datasets_fit_the_token_similarity_schema(runs, name):
+    from probescope.probes.token_similarity import SCHEMA
+
+    assert SCHEMA.problems(runs[name]["token_similarity"], strict=True) == []
+
+
 def test_big_images_get_a_thumbnail_of_at_most_128_pixels(tmp_path):
     from probescope.inputs import read_images
 
