@@ -282,6 +282,11 @@ shared_scale = true        # one colour means one norm in both models
 use = "head_category_map"
 output = "head_category_map.png"
 
+[[renderers]]
+use = "head_category_map"
+output = "head_scores.png"
+scores = "max"             # each head's highest relation score, threshold or not
+
 [output]
 dir = "results"
 """

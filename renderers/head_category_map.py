@@ -24,6 +24,11 @@ One legend for the whole figure, below the panels so it never covers a cell. It 
 figures of different models or thresholds share one legend and can be compared side by
 side; a "No data" entry is added when some cell is blank.
 
+With ``scores`` it draws numbers instead of categories: each head's relation score
+(``relation_score``) for one relation, the highest over one category's relations, or the
+highest over all relations (``scores = "max"``), on one sequential scale from 0 to 1 with
+a colour bar, so heads just under the threshold are visible too.
+
 Several models: one panel each, side by side (up to three in a row, a 2 x 2 grid for
 four, three per row beyond; ``columns`` chooses), titled with the model names. Each panel
 has its own axis limits, so models of different depth and width each fill their panel.
@@ -44,20 +49,22 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 import matplotlib
 import numpy as np
 import xarray as xr
-from matplotlib.colors import BoundaryNorm, ListedColormap, is_color_like, to_hex, to_rgba
+from matplotlib.colors import BoundaryNorm, ListedColormap, Normalize, is_color_like, to_hex, to_rgba
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from pydantic import Field, field_validator
 
 from probescope import (
-    Renderer, RendererError, RendererParameters, add_title, coord_text, hookimpl, index_values, panel_grid,
+    Renderer, RendererError, RendererParameters, add_title, coord_text, hookimpl, index_values, known_colormap,
+    panel_grid,
 )
 from probescope.probes.head_classifier import SCHEMA
 
@@ -149,11 +156,23 @@ class HeadCategoryMapParameters(RendererParameters):
         "colour: a name (\"tab:red\"), a hex code (\"#1f77b4\") or an RGB(A) tuple. Every "
         "meaning named must be defined by some dataset drawn.",
     )
+    scores: Optional[str] = Field(
+        None,
+        description="Draw relation scores instead of categories: \"max\" (each head's highest "
+        "score over every relation), a relation name (\"name_copying\") or a category name "
+        "(\"knowledge\": the highest over its relations). Default: categories.",
+    )
+    score_cmap: str = Field("viridis", description="Colour map of `scores` (sequential).")
     panel_size: Optional[tuple[float, float]] = Field(
         None,
         description="(width, height) of each panel in inches. Default: from the number of "
         "layers and heads of the largest model.",
     )
+
+    @field_validator("score_cmap")
+    @classmethod
+    def _check_score_cmap(cls, cmap: str) -> str:
+        return known_colormap(cmap, "use a sequential one such as 'viridis', 'magma' or 'Blues'")
 
     @field_validator("colors")
     @classmethod
@@ -229,6 +248,10 @@ class HeadCategoryMapRenderer(Renderer):
             dataset defines.
         """
         params = self.parameters(params)
+        if params.scores is not None:
+            score_panels = [_score_panel(model, ds, combined, params.scores)
+                            for model, ds, combined in self.models(datasets, needs=("relation_score", "layer", "head"))]
+            return _draw_scores(score_panels, params)
         panels = [_panel(model, ds, combined)
                   for model, ds, combined in self.models(datasets, needs=("category", "layer", "head"))]
         meanings = _legend_meanings(panels)
@@ -277,6 +300,83 @@ def _panel(model: str, ds: xr.Dataset, combined: bool) -> _Panel:
         model, x, y, grid,
         [flag_values[i] for i in order], [flag_meanings[i] for i in order],
     )
+
+
+def _score_panel(model: str, ds: xr.Dataset, combined: bool, choice: str) -> _Panel:
+    """A panel whose ``flags`` hold the chosen score per (head, layer) instead of flags."""
+    if "relation_score" not in ds.data_vars:
+        raise HeadCategoryMapError(f"model {model!r}: the dataset has no 'relation_score' variable to draw scores from")
+    scores = ds["relation_score"]
+    if set(scores.dims) != {"layer", "head", "relation"}:
+        raise HeadCategoryMapError(
+            f"model {model!r}: 'relation_score' has dimensions {tuple(scores.dims)}, expected "
+            "('layer', 'head', 'relation')"
+        )
+    relations = [coord_text(r) for r in ds["relation"].values] if "relation" in ds.coords else []
+    categories = ([coord_text(c) for c in ds["relation_category"].values]
+                  if "relation_category" in ds.coords else [])
+    if choice == "max":
+        pick = list(range(len(relations) or scores.sizes["relation"]))
+    elif choice in relations:
+        pick = [relations.index(choice)]
+    elif choice in categories:
+        pick = [i for i, c in enumerate(categories) if c == choice]
+    else:
+        raise HeadCategoryMapError(
+            f"model {model!r}: scores = {choice!r} is neither \"max\", a relation ({', '.join(relations)}) "
+            f"nor a category ({', '.join(dict.fromkeys(categories))})"
+        )
+    chosen = scores.isel(relation=pick)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN heads stay NaN
+        data = np.nanmax(np.asarray(chosen.transpose("head", "layer", "relation").values, dtype=float), axis=-1)
+    layers = index_values(ds, "layer")
+    heads = index_values(ds, "head")
+    finite = np.isfinite(data)
+    if combined and finite.any():
+        keep_h, keep_l = finite.any(axis=1), finite.any(axis=0)
+        heads = [h for h, k in zip(heads, keep_h) if k]
+        layers = [la for la, k in zip(layers, keep_l) if k]
+        data = data[keep_h][:, keep_l]
+    x = list(range(min(layers), max(layers) + 1))
+    y = list(range(min(heads), max(heads) + 1))
+    grid = np.full((len(y), len(x)), np.nan)
+    grid[np.ix_([h - y[0] for h in heads], [la - x[0] for la in layers])] = data
+    return _Panel(model, x, y, grid, [], [])
+
+
+def _score_label(choice: str) -> str:
+    if choice == "max":
+        return "highest relation score of the head"
+    return f"relation score: {choice.replace('_', ' ')}"
+
+
+def _draw_scores(panels: list[_Panel], params: HeadCategoryMapParameters) -> Figure:
+    """Scores on one 0-1 sequential scale, one colour bar for every panel."""
+    n_rows, n_cols = panel_grid(len(panels), params.columns)
+    width, height = _panel_size(panels, params)
+    fig_w = max(3.6, n_cols * (_YLABEL_W + width + 0.15) + 1.0)
+    fig_h = n_rows * (_TITLE_H + height + _XLABEL_H) + (0.45 if params.title else 0.1)
+    figure = Figure(figsize=(fig_w, fig_h), layout="constrained")
+    cmap = matplotlib.colormaps[params.score_cmap].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
+    norm = Normalize(0.0, 1.0)
+    spec = figure.add_gridspec(n_rows, n_cols)
+    axes, image = [], None
+    for i, panel in enumerate(panels):
+        ax = figure.add_subplot(spec[i // n_cols, i % n_cols])
+        axes.append(ax)
+        x0, x1 = panel.layers[0] - 0.5, panel.layers[-1] + 0.5
+        y0, y1 = panel.heads[0] - 0.5, panel.heads[-1] + 0.5
+        ax.set_facecolor(NO_DATA_COLOR)
+        image = ax.imshow(np.ma.masked_invalid(panel.flags), cmap=cmap, norm=norm, origin="lower",
+                          aspect="auto", interpolation="nearest", extent=(x0, x1, y0, y1))
+        _axes_style(ax, panel, first=i % n_cols == 0, x0=x0, x1=x1, y0=y0, y1=y1)
+    colorbar = figure.colorbar(image, ax=axes, location="right", fraction=0.05, aspect=25, pad=0.02)
+    colorbar.set_label(_score_label(params.scores), fontsize=8.5, parse_math=False)
+    colorbar.ax.tick_params(labelsize=7.5)
+    colorbar.outline.set_linewidth(0.6)
+    add_title(figure, params.title)
+    return figure
 
 
 def _flags(model: str, category: xr.DataArray, combined: bool) -> tuple[list[int], list[str]]:
@@ -450,6 +550,11 @@ def _draw_panel(ax, panel: _Panel, colors: dict[str, tuple], first: bool) -> Non
         np.ma.masked_invalid(panel.flags), cmap=cmap, norm=norm, origin="lower",
         aspect="auto", interpolation="nearest", extent=(x0, x1, y0, y1),
     )
+    _axes_style(ax, panel, first, x0, x1, y0, y1)
+
+
+def _axes_style(ax, panel: _Panel, first: bool, x0: float, x1: float, y0: float, y1: float) -> None:
+    """Limits (head 0 at the bottom), round integer ticks, labels and the model's title."""
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)  # head 0 at the bottom
     for axis in (ax.xaxis, ax.yaxis):

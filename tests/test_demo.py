@@ -70,4 +70,5 @@ def test_real_demo_config_names_three_probes_and_figures(tmp_path):
     config = tomllib.loads(demo.real_demo_config(tmp_path / "a", tmp_path / "b"))
     assert [m["name"] for m in config["models"]] == [demo.TRAINED_LABEL, demo.RANDOM_LABEL]
     assert [p["use"] for p in config["probes"]] == ["token_similarity", "component_norm", "head_classifier"]
-    assert [r["use"] for r in config["renderers"]] == ["similarity_grid", "component_heatmap", "head_category_map"]
+    assert [r["use"] for r in config["renderers"]] == ["similarity_grid", "component_heatmap", "head_category_map",
+                                                       "head_category_map"]

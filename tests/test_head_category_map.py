@@ -527,3 +527,23 @@ def test_wrong_dimensions(renderer):
     ds["category"] = ds["category"].expand_dims(prompt=2)
     with pytest.raises(HeadCategoryMapError, match="'category' has dimensions"):
         renderer.render([ds], None)
+
+
+def test_scores_instead_of_categories(renderer):
+    ds = make_dataset(layers=5, heads=4)
+    score = ds["relation_score"].values
+    for choice, expected in [
+        ("copying", score[..., 0]),
+        ("linguistic", score[..., 1]),  # the category's only relation
+        ("max", np.nanmax(score, axis=-1)),  # the unscored relation (NaN) never wins
+    ]:
+        figure = render(renderer, [ds], scores=choice)
+        (ax,) = [a for a in figure.axes if a.get_label() != "<colorbar>"]
+        drawn = ax.images[0].get_array().filled(np.nan)
+        np.testing.assert_allclose(drawn, expected.T)  # (head, layer): heads up the y axis
+        assert ax.images[0].norm.vmin == 0.0 and ax.images[0].norm.vmax == 1.0
+        assert figure.legends == []
+        bars = [a for a in figure.axes if a.get_label() == "<colorbar>"]
+        assert len(bars) == 1 and ("score" in bars[0].get_ylabel())
+    with pytest.raises(HeadCategoryMapError, match="neither \"max\", a relation .*copying.* nor a category"):
+        render(renderer, [ds], scores="no_such_relation")
