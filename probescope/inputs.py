@@ -142,7 +142,7 @@ def token_label(tokenizer: Any, token_id: int) -> str:
     ``\\xe2`` escapes, see :func:`probescope.tokens.clean_token`)."""
     text = tokenizer.decode([token_id])
     if text == "" or "\ufffd" in text:
-        text = clean_token(str(tokenizer.convert_ids_to_tokens(token_id)))
+        text = clean_token(str(tokenizer.convert_ids_to_tokens(token_id)), vocabulary_entry=True)
     return str(text)
 
 

@@ -29,16 +29,21 @@ def _byte_level_alphabet() -> dict[str, int]:
 BYTE_LEVEL = _byte_level_alphabet()
 
 
-def clean_token(text: str) -> str:
+def clean_token(text: str, vocabulary_entry: bool = False) -> str:
     """A token's text without tokenizers' markers: SentencePiece's ``▁`` becomes a space;
-    a raw byte-level entry (one with a remapped byte such as ``Ġ``, ``Ċ`` or ``Ł``) is
-    decoded from its bytes; a byte token (``<0xE2>``) and the bytes of an incomplete
-    UTF-8 character become escapes (``\\xe2``)."""
+    a raw byte-level entry is decoded from its bytes; a byte token (``<0xE2>``) and the
+    bytes of an incomplete UTF-8 character become escapes (``\\xe2``).
+
+    :param vocabulary_entry: ``text`` is known to be a vocabulary entry (the tokenizer's
+        own spelling), so any text in the byte-level alphabet is decoded as bytes;
+        otherwise only text with a remapped byte (``Ġ``, ``Ċ``, ``Ł``...) is.
+    """
     byte = _BYTE_TOKEN.match(text)
     if byte:
         return f"\\x{byte.group(1).lower()}"
     if "▁" in text:
         return text.replace("▁", " ")
-    if text and any(ord(ch) >= 256 for ch in text) and all(ch in BYTE_LEVEL for ch in text):
+    remapped = vocabulary_entry or any(ord(ch) >= 256 for ch in text)
+    if text and remapped and all(ch in BYTE_LEVEL for ch in text):
         return bytes(BYTE_LEVEL[ch] for ch in text).decode("utf-8", errors="backslashreplace")
     return text

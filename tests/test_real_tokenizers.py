@@ -103,3 +103,46 @@ def test_single_token_relation_pairs_counted_independently(name):
         assert counts["year_to_next_year"] == 0  # Llama-3 splits numbers into 3-digit groups
     if name == "gpt-2":
         assert counts["year_to_next_year"] > 100  # GPT-2 has " 1999" as one token
+
+
+PROMPT = "The llama 🦙 ate\tParis' hay."
+
+
+@pytest.mark.parametrize("name", ["gpt-2", "llama-spm"])
+def test_token_similarity_coordinates_and_labels_with_a_real_tokenizer(name, tmp_path):
+    """token_similarity's token coordinates are the tokenizer's ids and readable labels;
+    the grid's tick labels carry no Ġ, ▁ or <0x..> markers."""
+    import probescope
+    from probescope import demo
+    from probescope.renderers.similarity_grid import SimilarityGridRenderer
+
+    tokenizer = TOKENIZERS[name]()
+    model = demo.build_llama(tokenizer, layers=1, width=16, heads=2, kv_heads=1, max_positions=64, seed=0)
+    config = {"inputs": {"prompts": [PROMPT]},
+              "probes": [{"use": "token_similarity", "layers": ["embed", 0]}],
+              "output": {"dir": str(tmp_path)}}
+    ds = probescope.run(config, models={"m": (model, tokenizer)}, write=False)["m"]["token_similarity"]
+
+    ids = tokenizer(PROMPT)["input_ids"]
+    n = len(ids)
+    assert int(ds["n_tokens"][0]) == n
+    assert ds["token_id"].values[0, :n].tolist() == ids
+    texts = [str(t) for t in ds["token_text"].values[0, :n]]
+    # Every label is the decoded token; a part of a UTF-8 character is its bytes escaped
+    # (after a space, for GPT-2's "Ġ" + bytes); SentencePiece's lone "▁" is a space.
+    for token_id, text in zip(ids, texts):
+        decoded = tokenizer.decode([token_id])
+        if "\ufffd" in decoded or decoded == "":
+            assert text and regex.fullmatch(r" ?(\\x[0-9a-f]{2})*", text), text
+        else:
+            assert text == decoded
+    escaped = "".join(regex.findall(r"\\x[0-9a-f]{2}", "".join(texts)))
+    assert "".join(f"\\x{b:02x}" for b in "🦙".encode("utf-8")) in escaped  # the llama emoji's bytes
+    rest = regex.sub(r"\\x[0-9a-f]{2}", "", "".join(texts))
+    assert rest.replace(" ", "").replace("\t", "") == PROMPT.replace(" ", "").replace("\t", "").replace("🦙", "")
+
+    figure = SimilarityGridRenderer().render([ds], {"layers": [0], "show_prompt": False})
+    shown = [t.get_text() for t in figure.axes[0].get_xticklabels()]
+    assert len(shown) == n
+    assert not any(mark in label for label in shown for mark in ("Ġ", "▁", "<0x"))
+    assert "hay" in shown and ("\\t" in "".join(shown) or "\\x09" in shown)
