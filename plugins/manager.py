@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 
 import pluggy
 
-from probescope.errors import PluginConflictError, PluginError
+from probescope.errors import PluginConflictError, PluginError, did_you_mean
 from probescope.plugins import hookspecs
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
@@ -89,7 +89,8 @@ class Registry:
         except KeyError:
             known = ", ".join(self.names(kind)) or "none"
             broken = "".join(f"; {failure.describe()}" for failure in self.suspects(name))
-            raise PluginError(f"unknown {kind} {name!r}{broken}; available: {known}") from None
+            raise PluginError(f"unknown {kind} {name!r}{did_you_mean(name, self.names(kind))}{broken}; "
+                              f"available: {known}") from None
 
     def suspects(self, name: str) -> list[LoadFailure]:
         """The plugins that failed to load and might have provided ``name``: the one of

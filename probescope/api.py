@@ -19,6 +19,7 @@ def run(
     models: Mapping[str, tuple[Any, Any]] | None = None,
     write: bool = True,
     plugins: Iterable[tuple[str, Any]] = (),
+    resume: bool = False,
 ) -> dict[str, dict[str, xr.Dataset]]:
     """Run a configuration and return its datasets by model name, then probe entry name.
 
@@ -34,6 +35,8 @@ def run(
         (in a notebook or a test): a module or object with ``@probescope.hookimpl``
         functions, registered for this call only. One that is also installed (the same
         module object) is used once.
+    :param resume: with ``write``, read back the datasets an earlier run wrote for an
+        unchanged configuration (its ``manifest.json`` says which) instead of computing them.
     :raises ConfigError: the configuration is invalid; nothing was run or written.
     :raises RunFailed: some probes or renderers failed; ``.datasets`` holds the others.
     """
@@ -45,7 +48,7 @@ def run(
             for name, (model, tokenizer) in (models or {}).items()
         }
         plan = config_mod.load_plan(config, registry, given_models=list(given))
-        return runner.execute(plan, registry, given, write=write).datasets
+        return runner.execute(plan, registry, given, write=write, resume=resume).datasets
     finally:
         for name, (model, _) in (models or {}).items():
             model.train(modes[name])

@@ -1,7 +1,8 @@
 """The command line: ``probescope run | render | plugins | demo | check | schema | new``.
 
-Errors in the user's input print a message (never a traceback) and exit non-zero:
-2 for an invalid configuration, 1 for anything else that failed.
+Errors in the user's input print a message (never a traceback, unless ``--debug``) and
+exit non-zero: 2 for bad input (an invalid configuration, a missing file), 1 for work that
+failed, 130 when interrupted (Ctrl-C), after one line saying what was finished.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from probescope.errors import ConfigError, ProbescopeError, ProbescopeWarning, describe_failure
+from probescope.errors import ConfigError, Interrupted, ProbescopeError, ProbescopeWarning, describe_failure
 
 
 def _parse_value(text: str) -> Any:
@@ -33,14 +34,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     registry = load_registry()
     plan = config_mod.load_plan(args.config, registry)
-    outcome = runner.execute(plan, registry, raise_on_failure=False)
+    outcome = runner.execute(plan, registry, raise_on_failure=False, resume=args.resume)
     for path in outcome.files:
         print(f"wrote {path}")
     if outcome.failures:
-        for failure in outcome.failures:
+        for failure, error in zip(outcome.failures, outcome.errors):
             print(f"error: {describe_failure(failure)}", file=sys.stderr)
+            if args.debug and error is not None:
+                _print_traceback(error)
         return 1
     return 0
+
+
+def _print_traceback(error: BaseException) -> None:
+    """The full traceback of ``error`` (and its causes), indented under its error line."""
+    import traceback
+
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    print("  " + text.rstrip().replace("\n", "\n  "), file=sys.stderr)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -110,10 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="probescope", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"probescope {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the full traceback of every failure (for debugging a plugin)")
+    parser.add_argument("--library-progress", action="store_true",
+                        help="also show transformers' and huggingface_hub's own progress bars and messages")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the probes and renderers of a TOML config")
     p.add_argument("config", help="path of the TOML configuration")
+    p.add_argument("--resume", action="store_true",
+                   help="skip datasets an earlier run left on disk for an unchanged configuration "
+                        "(per its manifest.json); compute the rest")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("render", help="draw saved datasets again, without any model")
@@ -153,15 +171,28 @@ _python_format_warning = warnings.formatwarning
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    from probescope.progress import library_progress
+
     previous, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
-        return args.func(args)
+        with library_progress(args.library_progress):
+            return args.func(args)
+    except Interrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # before any work started: nothing was written
+        print("interrupted: nothing written", file=sys.stderr)
+        return Interrupted.exit_code
     except ProbescopeError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if args.debug:
+            _print_traceback(exc)
         return exc.exit_code
-    except FileNotFoundError as exc:
+    except FileNotFoundError as exc:  # a file the user named (a dataset to render)
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        if args.debug:
+            _print_traceback(exc)
+        return 2
     finally:
         warnings.formatwarning = previous
 

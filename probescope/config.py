@@ -14,6 +14,7 @@ each with the file, the key path and what was expected. It has two stages:
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
-from probescope.errors import ConfigError, PluginError, Problem, location
-from probescope.formats import figure_format_problem
+from probescope.errors import ConfigError, PluginError, Problem, did_you_mean, location
+from probescope.formats import figure_format_problem, weight_files_problem
 from probescope.params import validation_context
 
 if sys.version_info >= (3, 11):
@@ -149,16 +150,8 @@ class RendererEntry(_PluginEntry):
     """``[[renderers]]``: ``use`` names the renderer, ``probe`` the ``[[probes]]`` entry
     whose datasets it draws, ``output`` the figure file; other keys are its parameters."""
 
-    output: str
+    output: str  # its format is checked in validate(), so a bad one hides nothing else
     probe: str | None = None
-
-    @field_validator("output")
-    @classmethod
-    def _figure_format(cls, output: str) -> str:
-        problem = figure_format_problem(output)
-        if problem:
-            raise ValueError(problem)
-        return output
 
 
 class Output(_Strict):
@@ -235,6 +228,12 @@ class Plan:
         from probescope.config_files import relocate
 
         return relocate(problems, self.origins)
+    #: whether the file has an ``[inputs]`` section (valid or not): a missing one is reported
+    #: only when it is really missing, not when its prompts or batch size are wrong
+    inputs_given: bool = True
+    #: the prompts as written, for checks that need only how many there are (a renderer's
+    #: prompt index), even when some prompt is invalid; None when not even a list
+    prompts_as_written: list[str] | None = None
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -270,7 +269,7 @@ def _problems(exc: ValidationError, prefix: Sequence[Any] = (), schema: type[Bas
         kind = err["type"]
         if kind == "extra_forbidden":
             expected = _known_keys(schema, loc[:-1])
-            hint = f"; expected {expected}" if expected else ""
+            hint = f"{did_you_mean(loc[-1], expected.split(', '))}; expected {expected}" if expected else ""
             place, message = location([*prefix, *loc[:-1]]), f"unknown key {loc[-1]!r}{hint}"
         elif kind == "missing":
             place, message = location([*prefix, *loc]), "required key is missing"
@@ -315,23 +314,55 @@ def parameter_problems(
         return plugin.Parameters.model_validate(dict(values), context=validation_context(base_dir)), []
     except ValidationError as exc:
         problems = _problems(exc, prefix)
-        accepted = ", ".join(plugin.Parameters.model_fields) or "no parameters"
+        fields = list(plugin.Parameters.model_fields)
+        accepted = ", ".join(fields) or "no parameters"
         problems = [
-            Problem(p.location, f"{p.message}; {plugin.name} takes {accepted}")
+            Problem(p.location, f"{p.message}{did_you_mean(_unknown_key(p.message), fields)}; "
+                                f"{plugin.name} takes {accepted}")
             if p.message.startswith("unknown key") else p
             for p in problems
         ]
         return None, problems
 
 
+def _unknown_key(message: str) -> str:
+    """The key of an ``unknown key 'name'`` message."""
+    import re
+
+    found = re.match(r"unknown key '(.*)'", message)
+    return found.group(1) if found else ""
+
+
+def without_mistakes(schema: type[BaseModel], values: Any, context: Mapping[str, Any] | None = None) -> Any:
+    """``schema`` validated from ``values`` with the keys at fault left out (taking their
+    defaults), or None when that is not valid either (a required key at fault, a rule
+    across keys). Never run: it only lets the checks that need a valid entry (layers
+    against each model, a renderer's prompt index) look at the rest of an entry that has
+    a mistake, so that one mistake does not hide another."""
+    if not isinstance(values, Mapping):
+        return None
+    data = dict(values)
+    while True:
+        try:
+            return schema.model_validate(data, context=context)
+        except ValidationError as exc:
+            errors = exc.errors()
+            at_fault = {err["loc"][0] for err in errors if err["loc"] and err["loc"][0] in data}
+            if not at_fault or any(not err["loc"] or err["loc"][0] not in data for err in errors):
+                return None
+            for key in at_fault:
+                del data[key]
+
+
 def _section(schema: type[BaseModel], value: Any, prefix: Sequence[Any], problems: list[Problem]) -> Any:
     """Validate one part of the file on its own, so a mistake in one part does not hide
-    the mistakes in the others. Returns None when it is invalid."""
+    the mistakes in the others. Returns None when it is invalid, or what remains valid
+    of it (:func:`without_mistakes`) for the checks of stage two, its problems recorded."""
     try:
         return schema.model_validate(value)
     except ValidationError as exc:
         problems += _problems(exc, prefix, schema)
-        return None
+        return without_mistakes(schema, value)
 
 
 def _entries(schema: type[BaseModel], raw: Mapping[str, Any], key: str, problems: list[Problem]) -> list[tuple[int, Any]]:
@@ -369,7 +400,8 @@ def validate(
     problems: list[Problem] = []
     for key in raw:
         if key not in RunConfig.model_fields:
-            problems.append(Problem("", f"unknown key {key!r}; expected {', '.join(RunConfig.model_fields)}"))
+            problems.append(Problem("", f"unknown key {key!r}{did_you_mean(key, RunConfig.model_fields)}; "
+                                        f"expected {', '.join(RunConfig.model_fields)}"))
 
     models = _entries(ModelEntry, raw, "models", problems)
     if not raw.get("models") and not given_models:
@@ -377,6 +409,9 @@ def validate(
     # [inputs] may be left out when no probe reads activations (the head classifier reads
     # only weights); runner.prepare asks each probe and reports it missing otherwise.
     inputs = _section(Inputs, raw["inputs"], ("inputs",), problems) if "inputs" in raw else None
+    written = raw["inputs"].get("prompts") if isinstance(raw.get("inputs"), Mapping) else None
+    prompts_as_written = [str(p) for p in written] if isinstance(written, list) else \
+        None if "inputs" in raw else []
     probe_entries = _entries(ProbeEntry, raw, "probes", problems)
     if not raw.get("probes"):
         problems.append(Problem("probes", "at least one [[probes]] entry is required"))
@@ -402,6 +437,9 @@ def validate(
             if not (folder / "config.json").is_file():
                 problems.append(Problem(f"models[{i}].path", f"folder {str(folder)!r} has no config.json"))
                 continue
+            weights = weight_files_problem(folder, model.use_safetensors)
+            if weights:
+                problems.append(Problem(f"models[{i}].path", weights))
             model.path = str(folder)
         if model.architecture is not None and model.architecture not in registry.names("architecture"):
             problems.append(Problem(
@@ -426,6 +464,8 @@ def validate(
             continue
         params, found = parameter_problems(probe, entry.parameters, ("probes", i), base_dir)
         problems += found
+        if params is None:  # what remains valid is still checked against each model
+            params = without_mistakes(probe.Parameters, entry.parameters, validation_context(base_dir))
         if params is not None:
             probes.append(ProbeTask(entry.label, probe, params, i,
                                     None if entry.models is None else tuple(entry.models)))
@@ -435,6 +475,9 @@ def validate(
     outputs: set[str] = set()
     output_dir = (base_dir / output.dir).expanduser()
     for i, entry in renderer_entries:
+        bad_format = figure_format_problem(entry.output)
+        if bad_format:
+            problems.append(Problem(f"renderers[{i}].output", bad_format))
         if entry.output in outputs:
             problems.append(Problem(f"renderers[{i}].output", f"two renderers write {entry.output!r}"))
         outputs.add(entry.output)
@@ -445,6 +488,8 @@ def validate(
             continue
         params, found = parameter_problems(renderer, entry.parameters, ("renderers", i), base_dir)
         problems += found
+        if params is None:
+            params = without_mistakes(renderer.Parameters, entry.parameters, validation_context(base_dir))
         drawable = [label for label, use in labels.items() if use == renderer.probe]
         if entry.probe is None:
             if len(drawable) != 1:
@@ -479,6 +524,8 @@ def validate(
 
         images, found = read_images(inputs.images, base_dir)
         problems += [Problem(f"inputs.images[{i}]", message) for i, message in found]
+    problems += output_problems(output_dir, [m.name for _, m in valid_models] + list(given_models),
+                                [(f"renderers[{t.index}].output", t.output) for t in renderers])
 
     return Plan(
         source=source,
@@ -491,6 +538,8 @@ def validate(
         problems=problems,
         images=images,
         chat_template=inputs.chat_template if inputs is not None else False,
+        inputs_given="inputs" in raw,
+        prompts_as_written=prompts_as_written,
     )
 
 
@@ -518,6 +567,30 @@ def assembled_plan(
     plan = validate(assembled.raw, registry, source=source, base_dir=base_dir, given_models=given_models)
     plan = replace(plan, origins=assembled.origins)
     return replace(plan, problems=assembled.problems + plan.located(plan.problems))
+
+
+def output_problems(output_dir: Path, models: Sequence[str], figures: Sequence[tuple[str, Path]]) -> list[Problem]:
+    """What would stop results from being written, found before any model loads: the
+    output folder (or a folder above it) is a file or cannot be written to, a model's
+    result folder is a file, a figure's path is a folder."""
+    for folder in [output_dir, *output_dir.parents]:
+        if folder.exists():
+            if not folder.is_dir():
+                what = "the output folder" if folder == output_dir else f"{str(folder)!r}, above the output folder,"
+                return [Problem("output.dir", f"{what} is a file, not a folder: {str(folder)!r}; "
+                                              "give a folder (it is created when missing)")]
+            if not os.access(folder, os.W_OK | os.X_OK):
+                return [Problem("output.dir", f"cannot write to {str(folder)!r}; give a folder you can write to")]
+            break
+    problems = []
+    for name in models:
+        if (output_dir / name).exists() and not (output_dir / name).is_dir():
+            problems.append(Problem("output.dir", f"model {name!r} writes its datasets into "
+                                                  f"{str(output_dir / name)!r}, which is a file; move it away"))
+    for where, path in figures:
+        if path.is_dir():
+            problems.append(Problem(where, f"{str(path)!r} is a folder; give a figure file name"))
+    return problems
 
 
 def load_plan(

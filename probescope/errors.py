@@ -10,6 +10,15 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 
+def did_you_mean(name: object, choices: Iterable[str]) -> str:
+    """``"; did you mean 'metric'?"`` when one of ``choices`` is close to ``name`` (a
+    misspelling), else ``""``. Appended to messages about unknown names."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 class ProbescopeError(Exception):
     """Base class of every error caused by the user's input rather than a probescope bug."""
 
@@ -83,6 +92,17 @@ class InputError(ProbescopeError):
     """An input cannot be fed to a model (e.g. a prompt longer than the model takes)."""
 
 
+class DatasetSaveError(ProbescopeError):
+    """A dataset holds something NetCDF cannot store (an attribute that is a dict, say):
+    the failure of the probe that made it alone."""
+
+
+class CombineError(ProbescopeError):
+    """Datasets that cannot be combined along ``model`` (different probes or parameters)."""
+
+    exit_code = 2
+
+
 class ProbescopeWarning(UserWarning):
     """Something the user should know about a result that is still produced (a relation
     the head classifier could not score, say). The command line prints these as
@@ -117,11 +137,29 @@ class Failure:
 class RunFailed(ProbescopeError):
     """A run finished but some probes or renderers failed; the others' outputs were written."""
 
-    def __init__(self, failures: list[Failure], datasets: dict | None = None):
+    def __init__(self, failures: list[Failure], datasets: dict | None = None,
+                 errors: list[BaseException | None] | None = None):
         self.failures = list(failures)
         self.datasets = datasets or {}  # what the other probes produced, by model and probe
+        #: the exception behind each failure, in order (None where there was none); the
+        #: first is also this error's ``__cause__``, so its traceback is not lost
+        self.errors = list(errors) if errors is not None else [None] * len(self.failures)
         lines = ["  " + f.describe() for f in self.failures]
         super().__init__("\n".join([f"{len(self.failures)} step(s) failed:", *lines]))
+
+
+class Interrupted(ProbescopeError):
+    """The user interrupted a run (Ctrl-C). Files already written are complete; nothing
+    half-written is left. The command line prints one line and exits 130."""
+
+    exit_code = 130
+
+    def __init__(self, written: list, unfinished: list[str]):
+        self.written = list(written)
+        self.unfinished = list(unfinished)
+        done = f"{len(self.written)} file(s) written" if self.written else "nothing written"
+        rest = ", ".join(self.unfinished) or "nothing"
+        super().__init__(f"interrupted: {done}; not finished: {rest}")
 
 
 def describe_failure(failure: Failure) -> str:

@@ -316,8 +316,11 @@ def load_weights(entry: "ModelEntry", vision: bool = False) -> torch.nn.Module:
     kwargs[_dtype_kwarg()] = "auto" if entry.dtype == "auto" else DTYPES[entry.dtype]
     if entry.device_map is not None:
         kwargs["device_map"] = entry.device_map
+    from probescope.progress import quiet_libraries
+
     try:
-        model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(source, **kwargs)
+        with quiet_libraries():  # probescope's progress only, unless asked for
+            model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(source, **kwargs)
     except Exception as exc:
         hint = ""
         if entry.use_safetensors and "safetensors" in str(exc).lower():

@@ -159,7 +159,9 @@ def known_colormap(name: str, advice: str) -> str:
     import matplotlib
 
     if name not in matplotlib.colormaps:
-        raise ValueError(f"{name!r} is not a matplotlib colour map; {advice}")
+        from probescope.errors import did_you_mean
+
+        raise ValueError(f"{name!r} is not a matplotlib colour map{did_you_mean(name, matplotlib.colormaps)}; {advice}")
     return name
 
 

@@ -8,6 +8,7 @@ still written, and the run ends with :class:`RunFailed` so the command exits non
 from __future__ import annotations
 
 from contextlib import nullcontext
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -19,7 +20,18 @@ from probescope import models as models_mod
 from probescope import results, trace
 from probescope.architectures.base import ATTENTION, get_submodule
 from probescope.config import Plan, ProbeTask
-from probescope.errors import ConfigError, Failure, InputError, ModelLoadError, Problem, ProbescopeError, RunFailed, SiteError
+from probescope.errors import (
+    ConfigError,
+    Failure,
+    DatasetSaveError,
+    InputError,
+    Interrupted,
+    ModelLoadError,
+    Problem,
+    ProbescopeError,
+    RunFailed,
+    SiteError,
+)
 from probescope.architectures.streamed import StreamedModel
 from probescope.probe import ProbeRun
 from probescope.progress import progress
@@ -44,9 +56,14 @@ class Outcome:
     datasets: dict[str, dict[str, xr.Dataset]] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    #: the exception behind each failure (None for a failure without one), in order
+    errors: list[BaseException | None] = field(default_factory=list)
 
     def fail(self, model: str, step: str, name: str, error: BaseException | str) -> None:
+        """Record a failed step; its exception and full traceback are kept (``--debug``
+        prints them; :class:`RunFailed` takes the first as its ``__cause__``)."""
         self.failures.append(Failure.of(model, step, name, error))
+        self.errors.append(None if isinstance(error, str) else error)
 
 
 def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedModel] = {}) -> list[Prepared]:
@@ -100,13 +117,13 @@ def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedMode
             # Sites are checked once the probe's parameters are (a layer out of range is said once).
             found = own or _site_problems(task, info)
             problems += _scoped(f"probes[{task.index}]", info.name, found)
-        if not plan.prompts and not asked_for_prompts:  # once, not once per model
+        if not plan.inputs_given and not asked_for_prompts:  # once, not once per model
             problems += _needs_prompts(plan, info)
             asked_for_prompts = True
         runs_here = {task.name for task in plan.probes_for(info.name)}
         for task in plan.renderers:
-            if task.probe in probe_params and task.probe in runs_here:
-                found = task.renderer.check(task.params, prompts=plan.prompts,
+            if task.probe in probe_params and task.probe in runs_here and plan.prompts_as_written is not None:
+                found = task.renderer.check(task.params, prompts=plan.prompts_as_written,
                                             probe_params=probe_params[task.probe], model=info)
                 problems += _scoped(f"renderers[{task.index}]", info.name, found)
         prepared.append(Prepared(info, tokenizer, prompts, entry, loaded, processor))
@@ -256,13 +273,16 @@ def _weights_only(tasks: Sequence[ProbeTask], info: models_mod.ModelInfo) -> boo
         return False
 
 
-def open_model(plan: Plan, prepared: Prepared) -> models_mod.LoadedModel | StreamedModel:
+def open_model(plan: Plan, prepared: Prepared,
+               tasks: Sequence[ProbeTask] | None = None) -> models_mod.LoadedModel | StreamedModel:
     """The model for a run: given in memory; streamed from its safetensors files when every
-    probe reads only weights (the model is never built); else loaded whole."""
+    probe (of ``tasks``, default all) reads only weights (the model is never built); else
+    loaded whole."""
     if prepared.loaded is not None:
         return prepared.loaded
     entry = prepared.entry
-    if plan.probes and _weights_only(plan.probes, prepared.info):
+    tasks = plan.probes_for(prepared.info.name) if tasks is None else tasks
+    if tasks and _weights_only(tasks, prepared.info):
         try:
             return StreamedModel.of(entry, prepared.info, prepared.tokenizer)
         except ModelLoadError:
@@ -272,17 +292,19 @@ def open_model(plan: Plan, prepared: Prepared) -> models_mod.LoadedModel | Strea
     return models_mod.load(entry, prepared.info, prepared.tokenizer, prepared.processor)
 
 
-def run_model(plan: Plan, prepared: Prepared, registry: Any, outcome: Outcome, write: bool) -> None:
-    """Every probe on one model: one trace per batch, then each probe's dataset."""
+def run_model(plan: Plan, prepared: Prepared, registry: Any, outcome: Outcome, write: bool,
+              tasks: Sequence[ProbeTask] | None = None, record: Any = None) -> None:
+    """Every probe (of ``tasks``, default all) on one model: one trace per batch, then
+    each probe's dataset. ``record(path, task)`` is called for each dataset saved."""
     name = prepared.info.name
-    loaded = open_model(plan, prepared)
+    tasks = list(plan.probes_for(name) if tasks is None else tasks)
+    loaded = open_model(plan, prepared, tasks)
     if getattr(loaded, "processor", None) is not None:
         batches = inputs_mod.processed_batches(loaded.processor, prepared.prompts, plan.batch_size,
                                                device=loaded.device, dtype=next(loaded.model.parameters()).dtype)
     else:
         batches = inputs_mod.batches(prepared.prompts, plan.batch_size,
                                      pad_id=inputs_mod.pad_id_of(prepared.tokenizer), device=loaded.device)
-    tasks = plan.probes_for(name)
     reads = _probe_reads(tasks, loaded, outcome)
     reduced = _trace_all(loaded, reads, batches, outcome)
     failed = {f.name for f in outcome.failures if f.model == name}
@@ -294,17 +316,33 @@ def run_model(plan: Plan, prepared: Prepared, registry: Any, outcome: Outcome, w
         try:
             dataset = task.probe.build(task.params, run)
             dataset.attrs.update(results.provenance(
-                probe=task.probe, params=task.params, model_info=prepared.info, entry_name=task.name))
+                probe=task.probe, params=task.params, model_info=prepared.info, entry_name=task.name,
+                prompts=plan.prompts if _needs(task, prepared.info) else None))
         except Exception as exc:
             outcome.fail(name, "probe", task.name, exc)
             continue
         registry.hook.dataset_produced(dataset=dataset, model=name, probe=task.name)
         outcome.datasets.setdefault(name, {})[task.name] = dataset
         if write:
-            outcome.files.append(results.save(dataset, results.result_path(plan.output_dir, name, task.name)))
+            try:
+                path = results.save(dataset, results.result_path(plan.output_dir, name, task.name))
+            except DatasetSaveError as exc:  # this probe's failure alone; the others are still written
+                outcome.fail(name, "probe", task.name, exc)
+                continue
+            outcome.files.append(path)
+            if record is not None:
+                record(path, task)
 
 
-def draw(plan: Plan, outcome: Outcome, model_order: Sequence[str]) -> None:
+def _needs(task: ProbeTask, info: models_mod.ModelInfo) -> bool:
+    """Whether a probe's dataset depends on the prompts (it reads activations)."""
+    try:
+        return bool(task.probe.needs_prompts(task.params, info))
+    except Exception:  # its own failure is reported when it runs
+        return True
+
+
+def draw(plan: Plan, outcome: Outcome, model_order: Sequence[str], record: Any = None) -> None:
     """Every renderer of the plan, from the datasets the run produced."""
     for task in plan.renderers:
         datasets = [outcome.datasets[m][task.probe] for m in model_order
@@ -315,6 +353,8 @@ def draw(plan: Plan, outcome: Outcome, model_order: Sequence[str]) -> None:
         try:
             figure = task.renderer.render(datasets, task.params)
             outcome.files.append(save_figure(figure, task.output))
+            if record is not None:
+                record(task.output)
         except Exception as exc:
             outcome.fail("", "renderer", task.renderer.name, exc)
 
@@ -337,23 +377,109 @@ def save_figure(figure: Any, path: Path) -> Path:
 
 def execute(
     plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedModel] = {}, *, write: bool = True,
-    raise_on_failure: bool = True,
+    raise_on_failure: bool = True, resume: bool = False,
 ) -> Outcome:
     """Validate against the models, run every probe on every model, draw every figure.
+
+    With ``write``, a manifest is kept beside the datasets (:mod:`probescope.manifest`);
+    with ``resume`` too, datasets an earlier run left on disk for an unchanged
+    configuration are read back instead of computed again.
 
     :raises ConfigError: stage-two validation failed (nothing was written).
     :raises RunFailed: some probes or renderers failed; the rest was written.
     """
     prepared = prepare(plan, registry, given)
     outcome = Outcome()
-    for item in progress(prepared, desc="models"):
-        try:
-            run_model(plan, item, registry, outcome, write)
-        except ModelLoadError as exc:
-            outcome.fail(item.info.name, "model", item.info.name, exc)
-    if write:
-        draw(plan, outcome, [p.info.name for p in prepared])
+    book = _Bookkeeping(plan, resume) if write else None
+    try:
+        for item in progress(prepared, desc="models"):
+            try:
+                tasks = book.start_model(item, outcome) if book else plan.probes_for(item.info.name)
+                if tasks:
+                    run_model(plan, item, registry, outcome, write, tasks, book.dataset_saved if book else None)
+            except ModelLoadError as exc:
+                outcome.fail(item.info.name, "model", item.info.name, exc)
+        if write:
+            draw(plan, outcome, [p.info.name for p in prepared], book.figure_saved)
+            book.finish(outcome)
+    except KeyboardInterrupt:
+        raise Interrupted(outcome.files, _unfinished(plan, outcome, prepared, write)) from None
     registry.hook.run_finished(results=outcome.datasets, failures=list(outcome.failures))
     if outcome.failures and raise_on_failure:
-        raise RunFailed(outcome.failures, outcome.datasets)
+        first = next((e for e in outcome.errors if e is not None), None)
+        raise RunFailed(outcome.failures, outcome.datasets, outcome.errors) from first
     return outcome
+
+
+class _Bookkeeping:
+    """The manifest of a run that writes, and what ``resume`` may skip."""
+
+    def __init__(self, plan: Plan, resume: bool):
+        from probescope import manifest
+
+        self.plan = plan
+        self.done = manifest.finished(manifest.read(plan.output_dir), plan.output_dir) if resume else {}
+        self.manifest = manifest.Manifest(plan.output_dir, manifest.resolved_config(plan), list(plan.prompts))
+        self.keys: dict[tuple[str, str], str] = {}
+
+    def start_model(self, item: Prepared, outcome: Outcome) -> list[ProbeTask]:
+        """Record the model; read back the datasets ``resume`` can skip; return the rest."""
+        from probescope import manifest
+
+        info = item.info
+        identity = manifest.model_identity(item.entry, info, item.loaded.model if item.loaded else None)
+        entry = item.entry.model_dump(mode="json") if item.entry is not None else {"name": info.name, "given": True}
+        self.manifest.models[info.name] = {**identity, "entry": entry}
+        todo = []
+        for task in self.plan.probes_for(info.name):
+            key = manifest.dataset_fingerprint(model_entry=entry, identity=identity,
+                                               prompts=self.plan.prompts if _needs(task, info) else None,
+                                               probe=task.probe, params=task.params)
+            self.keys[(info.name, task.name)] = key
+            path = results.result_path(self.plan.output_dir, info.name, task.name)
+            relative = self.manifest.relative(path)
+            if self.done.get(relative) == key:
+                try:
+                    outcome.datasets.setdefault(info.name, {})[task.name] = results.load(path)
+                except Exception:  # unreadable: compute it again
+                    todo.append(task)
+                    continue
+                self.manifest.resumed.append(relative)
+                self.manifest.record_dataset(path, info.name, task.name, key)
+            else:
+                todo.append(task)
+        return todo
+
+    def dataset_saved(self, path: Path, task: ProbeTask) -> None:
+        model = path.parent.name
+        self.manifest.record_dataset(path, model, task.name, self.keys[(model, task.name)])
+
+    def figure_saved(self, path: Path) -> None:
+        self.manifest.record_figure(path)
+
+    def finish(self, outcome: Outcome) -> None:
+        self.manifest.failures = [dataclasses.asdict(f) for f in outcome.failures]
+        if self.manifest.datasets or self.manifest.figures:  # never a manifest of nothing
+            outcome.files.append(self.manifest.write())
+
+
+def _unfinished(plan: Plan, outcome: Outcome, prepared: Sequence[Prepared], write: bool) -> list[str]:
+    """What an interrupted run had not finished: datasets not produced, figures not drawn."""
+    failed = {(f.model, f.name) for f in outcome.failures}
+    written = set(outcome.files)
+
+    def finished(model: str, probe: str) -> bool:
+        if write:
+            return results.result_path(plan.output_dir, model, probe) in written
+        return probe in outcome.datasets.get(model, {})
+
+    missing = []
+    for item in prepared:
+        name = item.info.name
+        probes = [t.name for t in plan.probes_for(name) if not finished(name, t.name) and (name, t.name) not in failed]
+        if probes:
+            missing.append(f"model {name!r} ({', '.join(probes)})")
+    if write:
+        done = set(outcome.files)
+        missing += [task.output.name for task in plan.renderers if task.output not in done]
+    return missing

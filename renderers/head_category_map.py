@@ -51,7 +51,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import matplotlib
 import numpy as np
@@ -168,6 +168,14 @@ class HeadCategoryMapParameters(RendererParameters):
         description="(width, height) of each panel in inches. Default: from the number of "
         "layers and heads of the largest model.",
     )
+    threshold: Optional[float] = Field(
+        None, gt=0.0, le=1.0,
+        description="Classify heads again from the datasets' stored scores with this threshold "
+        "(probescope.probes.head_classifier.reclassify); default: as the probe classified them.",
+    )
+    classify_by: Optional[Literal["relation", "suppression", "either"]] = Field(
+        None, description="With threshold: which score places heads in categories; default: the datasets' own.",
+    )
 
     @field_validator("score_cmap")
     @classmethod
@@ -252,7 +260,7 @@ class HeadCategoryMapRenderer(Renderer):
             score_panels = [_score_panel(model, ds, combined, params.scores)
                             for model, ds, combined in self.models(datasets, needs=("relation_score", "layer", "head"))]
             return _draw_scores(score_panels, params)
-        panels = [_panel(model, ds, combined)
+        panels = [_panel(model, _reclassified(model, ds, params), combined)
                   for model, ds, combined in self.models(datasets, needs=("category", "layer", "head"))]
         meanings = _legend_meanings(panels)
         colors = _meaning_colors(meanings, params.colors)
@@ -261,6 +269,18 @@ class HeadCategoryMapRenderer(Renderer):
 
 # --------------------------------------------------------------------------------------
 # Reading the datasets
+
+
+def _reclassified(model: str, ds: xr.Dataset, params: HeadCategoryMapParameters) -> xr.Dataset:
+    """``ds`` classified again for the renderer's ``threshold`` / ``classify_by``, if given."""
+    if params.threshold is None and params.classify_by is None:
+        return ds
+    from probescope.probes.head_classifier import reclassify
+
+    try:
+        return reclassify(ds, params.threshold, params.classify_by)
+    except (ValueError, KeyError) as exc:
+        raise HeadCategoryMapError(f"model {model!r}: cannot classify the heads again: {exc}") from None
 
 
 def _panel(model: str, ds: xr.Dataset, combined: bool) -> _Panel:

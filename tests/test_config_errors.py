@@ -439,3 +439,133 @@ def test_api_given_model_checked_too(gpt2, tokenizer, tmp_path, monkeypatch):
     (problem,) = info.value.problems
     assert problem.location == "probes[0].layers[0]"
     assert "model 'mem'" in problem.message and "layer 4 is out of range" in problem.message
+
+
+# --------------------------------------------------------------------------------------
+# Mistakes that used to hide each other (issue: every mistake at once, across both stages)
+
+
+def test_six_mistakes_of_one_renderer_and_its_probe_in_one_run(model_dirs, write_config, tmp_path, capsys):
+    """A bad figure format, an unknown colour map and a bad parameter kept the renderer's
+    other checks (against the run's prompts and the probe's layers) from running, and
+    those kept each other hidden: four runs to see six mistakes. Now one."""
+    text = basic_config(model_dirs["gpt2"], layers="[10, -7]")
+    text = replace(text, '"similarity.png"', '"sim.jpg"')
+    text = replace(text, 'output = "sim.jpg"', 'output = "sim.jpg"\ncmap = "YlOrRdd"\nprompt = 5\nlayers = [3]')
+    path = write_config(text)
+    before = snapshot(tmp_path)
+    rc, err = run_cli(path, capsys)
+    assert rc == 2, err
+    expected = {
+        "renderers[0].output": "'sim.jpg' must end in one of .png, .pdf, .svg",
+        "renderers[0].cmap": "'YlOrRdd' is not a matplotlib colour map; did you mean 'YlOrRd'?",
+        "renderers[0].prompt": "prompt 5 is out of range: the run has 2 prompts",
+        "renderers[0].layers[0]": "layer 3 is not among the layers the probe reads",
+        "probes[0].layers[0]": "layer 10 is out of range",
+        "probes[0].layers[1]": "layer -7 is out of range",
+    }
+    for location, words in expected.items():
+        assert words in find_problem(err, path, location), err
+    assert len(problem_lines(err, path)) == len(expected), err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_misspelt_key_does_not_hide_the_entrys_other_mistakes(model_dirs, write_config, capsys):
+    path = write_config(with_probe_key(basic_config(model_dirs["gpt2"], layers="[10]", renderer=False),
+                                       'metrc = "cosine"'))
+    rc, err = run_cli(path, capsys)
+    assert rc == 2
+    assert "unknown key 'metrc'; did you mean 'metric'?" in find_problem(err, path, "probes[0]")
+    assert "layer 10 is out of range" in find_problem(err, path, "probes[0].layers[0]")
+    assert len(problem_lines(err, path)) == 2, err
+
+
+def test_a_bad_model_key_does_not_hide_the_layer_checks_against_that_model(model_dirs, write_config, capsys):
+    path = write_config(with_model_key(basic_config(model_dirs["gpt2"], layers="[10]", renderer=False),
+                                       'dtyp = "float32"'))
+    rc, err = run_cli(path, capsys)
+    assert rc == 2
+    assert "unknown key 'dtyp'; did you mean 'dtype'?" in find_problem(err, path, "models[0]")
+    assert "layer 10 is out of range" in find_problem(err, path, "probes[0].layers[0]")
+    assert len(problem_lines(err, path)) == 2, err
+
+
+@pytest.mark.parametrize("change, location, words", [
+    (lambda t: replace(t, "batch_size = 2", "batch_size = 0"), "inputs.batch_size", "greater than or equal to 1"),
+    (lambda t: with_prompts(t, '["Hello", ""]'), "inputs.prompts", "prompt 1 is empty"),
+    (lambda t: with_prompts(t, "[]"), "inputs.prompts", "at least 1"),
+], ids=["batch-size-zero", "empty-prompt", "no-prompts"])
+def test_a_bad_inputs_section_is_not_also_reported_missing(change, location, words, model_dirs, write_config, capsys):
+    path = write_config(change(basic_config(model_dirs["gpt2"], layers="[0, 5]", renderer=False)))
+    rc, err = run_cli(path, capsys)
+    assert rc == 2
+    assert words in find_problem(err, path, location)
+    assert "required section is missing" not in err
+    assert "layer 5 is out of range" in find_problem(err, path, "probes[0].layers[1]")  # stage two still ran
+    assert len(problem_lines(err, path)) == 2, err
+
+
+@pytest.mark.parametrize("change, location, words", [
+    (lambda t: replace(t, 'use = "token_similarity"', 'use = "token_similarty"'), "probes[0].use",
+     "unknown probe 'token_similarty'; did you mean 'token_similarity'?"),
+    (lambda t: replace(t, 'use = "similarity_grid"', 'use = "similarity_grd"'), "renderers[0].use",
+     "unknown renderer 'similarity_grd'; did you mean 'similarity_grid'?"),
+    (lambda t: with_probe_key(t, 'metrc = "cosine"'), "probes[0]", "unknown key 'metrc'; did you mean 'metric'?"),
+    (lambda t: with_renderer_key(t, 'cmap = "viridiss"'), "renderers[0].cmap", "did you mean 'viridis'?"),
+    (lambda t: "[[probe]]\nuse = 'x'\n" + t, "", "unknown key 'probe'; did you mean 'probes'?"),
+    (lambda t: replace(t, 'dir = "out"', 'dri = "out"'), "output", "unknown key 'dri'; did you mean 'dir'?"),
+], ids=["probe", "renderer", "probe-key", "colour-map", "section", "section-key"])
+def test_unknown_names_get_the_closest_known_one(change, location, words, model_dirs, write_config, capsys):
+    path = write_config(change(basic_config(model_dirs["gpt2"])))
+    rc, err = run_cli(path, capsys)
+    assert rc == 2
+    assert words in find_problem(err, path, location), err
+
+
+def test_no_suggestion_for_a_name_close_to_nothing(model_dirs, write_config, capsys):
+    path = write_config(replace(basic_config(model_dirs["gpt2"]), 'use = "token_similarity"', 'use = "qqqq"'))
+    rc, err = run_cli(path, capsys)
+    assert "did you mean" not in find_problem(err, path, "probes[0].use")
+
+
+# --------------------------------------------------------------------------------------
+# Everything that can be checked before loading is
+
+
+def test_output_folder_that_is_a_file(model_dirs, write_config, tmp_path, capsys):
+    (tmp_path / "out").write_text("not a folder")
+    path = write_config(basic_config(model_dirs["gpt2"]))
+    before = snapshot(tmp_path)
+    rc, err = run_cli(path, capsys)
+    assert rc == 2, err
+    assert "is a file, not a folder" in find_problem(err, path, "output.dir")
+    assert snapshot(tmp_path) == before and (tmp_path / "out").read_text() == "not a folder"
+
+
+def test_folder_above_the_output_folder_that_is_a_file(model_dirs, write_config, tmp_path, capsys):
+    (tmp_path / "blocker").write_text("")
+    path = write_config(replace(basic_config(model_dirs["gpt2"]), 'dir = "out"', 'dir = "blocker/out"'))
+    rc, err = run_cli(path, capsys)
+    assert rc == 2
+    assert "above the output folder, is a file" in find_problem(err, path, "output.dir")
+
+
+def test_model_result_folder_or_figure_path_taken(model_dirs, write_config, tmp_path, capsys):
+    (tmp_path / "out" / "similarity.png").mkdir(parents=True)
+    (tmp_path / "out" / "tiny").write_text("")
+    path = write_config(basic_config(model_dirs["gpt2"]))
+    rc, err = run_cli(path, capsys)
+    assert rc == 2
+    assert "model 'tiny' writes its datasets into" in find_problem(err, path, "output.dir")
+    assert "which is a file; move it away" in find_problem(err, path, "output.dir")
+    assert "is a folder; give a figure file name" in find_problem(err, path, "renderers[0].output")
+
+
+def test_model_folder_without_weights(model_dirs, write_config, tmp_path, capsys):
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    (folder / "config.json").write_text((model_dirs["gpt2"] / "config.json").read_text())
+    path = write_config(basic_config(folder))
+    rc, err = run_cli(path, capsys)
+    assert rc == 2
+    assert "holds no weight files" in find_problem(err, path, "models[0].path")

@@ -547,3 +547,19 @@ def test_scores_instead_of_categories(renderer):
         assert len(bars) == 1 and ("score" in bars[0].get_ylabel())
     with pytest.raises(HeadCategoryMapError, match="neither \"max\", a relation .*copying.* nor a category"):
         render(renderer, [ds], scores="no_such_relation")
+
+
+def test_threshold_parameter_draws_the_heads_classified_again(renderer):
+    from probescope.probes.head_classifier import reclassify
+
+    ds = make_dataset(layers=4, heads=6, seed=3)
+    default = drawn_colors(panels(render(renderer, [ds]))[0])
+    strict = drawn_colors(panels(render(renderer, [ds], threshold=0.9))[0])
+    expected_flags = reclassify(ds, 0.9).category.values  # (layer, head)
+    colors = expected_colors()
+    for layer in range(4):
+        for head in range(6):
+            np.testing.assert_allclose(strict[head, layer], colors[expected_flags[layer, head]])
+    assert not np.allclose(default, strict)  # the parameter changed the figure
+    with pytest.raises(Exception, match="threshold"):
+        renderer.Parameters(threshold=1.5)

@@ -482,3 +482,45 @@ def test_zero_and_constant_heads_do_not_score(family, precision, words, tmp_path
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
     assert (want[0][[1, 2], [1, 2]] == 0).all() and (want[1][[1, 2], [1, 2]] == 0).all()
+
+
+# -- classifying again from stored scores ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("threshold, classify_by", [(1.0, "relation"), (0.15, "suppression"), (0.5, "either"),
+                                                    (0.01, "relation")])
+def test_reclassify_equals_running_again_with_the_new_parameters(planted_gpt2, words, tmp_path, threshold,
+                                                                 classify_by):
+    from probescope.probes.head_classifier import reclassify
+
+    first = classify(planted_gpt2, words, tmp_path)
+    again = classify(planted_gpt2, words, tmp_path, threshold=threshold, classify_by=classify_by)
+    redone = reclassify(first, threshold, classify_by)
+    for name in ("category", "in_category", "n_categories"):
+        xr_equal = redone[name].equals(again[name]) and redone[name].dtype == again[name].dtype
+        assert xr_equal, name
+    assert redone.category.attrs["flag_meanings"] == again.category.attrs["flag_meanings"]
+    np.testing.assert_array_equal(redone.category.attrs["flag_values"], again.category.attrs["flag_values"])
+    assert (redone.attrs["threshold"], redone.attrs["classify_by"]) == (threshold, classify_by)
+    assert (first.attrs["threshold"], first.attrs["classify_by"]) == (0.15, "relation")  # the input is unchanged
+    if threshold == 0.01:  # a low threshold must change something, or this test shows nothing
+        assert (redone.category.values != first.category.values).any()
+
+
+def test_reclassify_keeps_combining_padding_and_checks_its_arguments(planted_gpt2, planted_llama, words, tmp_path):
+    from probescope.probes.head_classifier import reclassify
+    from probescope.results import combine
+
+    small = classify(planted_gpt2, words, tmp_path, layers=[0, 1])
+    large = classify(planted_llama, words, tmp_path, layers=[0, 1])
+    large.attrs["parameters"] = small.attrs["parameters"] = "{}"
+    large = large.isel(layer=[0, 1])
+    small = small.isel(head=[0, 1, 2])  # a model with fewer heads
+    both = combine({"small": small, "large": large})
+    redone = reclassify(both, 0.01)
+    assert np.isnan(redone.category.sel(model="small", head=3).values).all()  # padding stays padding
+    assert not np.isnan(redone.category.sel(model="large").values).any()
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
+        reclassify(small, 0.0)
+    with pytest.raises(ValueError, match="classify_by must be"):
+        reclassify(small, classify_by="both")

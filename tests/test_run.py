@@ -126,9 +126,11 @@ def test_weights_load_from_safetensors_only_unless_allowed(tokenizer, tmp_path, 
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     assert not list(folder.glob("*.safetensors"))
     path = write_config(basic_config(folder, layers="[0]", renderer=False))
-    assert main(["run", str(path)]) == 1
-    assert "safetensors" in capsys.readouterr().err
-    assert not (path.parent / "out" / "tiny").exists()
+    assert main(["run", str(path)]) == 2  # a configuration mistake, found before anything loads
+    err = capsys.readouterr().err
+    assert "models[0].path: folder" in err and "holds only pickled weights (pytorch_model.bin)" in err
+    assert "use_safetensors = false" in err
+    assert not (path.parent / "out").exists()
     allowed = write_config(basic_config(folder, layers="[0]", renderer=False).replace(
         'path = "', 'use_safetensors = false\npath = "'), name="allowed.toml")
     assert main(["run", str(allowed)]) == 0

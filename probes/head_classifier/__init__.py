@@ -31,7 +31,7 @@ docs/configuration.md.
 from __future__ import annotations
 
 import warnings
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -227,14 +227,74 @@ class HeadClassifier(Probe):
 def _membership(relation: np.ndarray, suppression: np.ndarray, relations: list[Relation], categories: list[str],
                 params: HeadClassifierParameters) -> np.ndarray:
     """``(layer, head, category)`` bools: some relation of the category passes the threshold."""
-    by = {"relation": [relation], "suppression": [suppression], "either": [relation, suppression]}[params.classify_by]
-    member = np.zeros(relation.shape[:2] + (len(categories),), dtype=bool)
+    return membership(relation, suppression, [r.category for r in relations], categories, params.threshold,
+                      params.classify_by)
+
+
+def membership(relation: np.ndarray, suppression: np.ndarray, relation_categories: Sequence[str],
+               categories: Sequence[str], threshold: float, classify_by: str) -> np.ndarray:
+    """``(..., category)`` bools from ``(..., relation)`` scores: some relation of the
+    category scores at least ``threshold`` (by relation score, suppression score, or
+    either). NaN never passes."""
+    by = {"relation": [relation], "suppression": [suppression], "either": [relation, suppression]}[classify_by]
+    member = np.zeros(relation.shape[:-1] + (len(categories),), dtype=bool)
     with np.errstate(invalid="ignore"):
         for ci, category in enumerate(categories):
-            columns = [i for i, r in enumerate(relations) if r.category == category]
+            columns = [i for i, c in enumerate(relation_categories) if c == category]
             for scores in by:
-                member[..., ci] |= (scores[..., columns] >= params.threshold).any(-1)  # NaN never passes
+                member[..., ci] |= (scores[..., columns] >= threshold).any(-1)
     return member
+
+
+def reclassify(ds: xr.Dataset, threshold: float | None = None, classify_by: str | None = None) -> xr.Dataset:
+    """A ``head_classifier`` dataset with ``category``, ``in_category`` and
+    ``n_categories`` rebuilt from its stored scores for another ``threshold`` or
+    ``classify_by`` (each defaults to the dataset's own), without the model.
+
+    The scores do not depend on the threshold, so this gives exactly what running the
+    probe again with the new parameters would give. Heads without a category flag (NaN:
+    padding from combining models of different size) stay without one. The new
+    ``threshold`` and ``classify_by`` are recorded in ``attrs`` and in ``parameters``.
+
+    :raises ValueError: a threshold outside (0, 1], an unknown ``classify_by``, or a
+        dataset without the scores.
+    """
+    threshold = float(ds.attrs["threshold"] if threshold is None else threshold)
+    classify_by = str(ds.attrs.get("classify_by", "relation") if classify_by is None else classify_by)
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    if classify_by not in ("relation", "suppression", "either"):
+        raise ValueError(f"classify_by must be 'relation', 'suppression' or 'either', got {classify_by!r}")
+    missing = [v for v in ("relation_score", "suppression_score", "category") if v not in ds.data_vars]
+    if missing:
+        raise ValueError(f"not a head_classifier dataset: no {', '.join(missing)} variable(s)")
+    others = [d for d in ds.relation_score.dims if d != "relation"]
+    relation = ds.relation_score.transpose(*others, "relation").values
+    suppression = ds.suppression_score.transpose(*others, "relation").values
+    categories = [str(c) for c in ds.category_name.values]
+    member = membership(relation, suppression, [str(c) for c in ds.relation_category.values], categories,
+                        threshold, classify_by)
+    flags, count = category_flags(member)
+    old = ds.category.transpose(*others).values
+    unflagged = np.isnan(old) if np.issubdtype(old.dtype, np.floating) else np.zeros(old.shape, dtype=bool)
+    if unflagged.any():  # keep the padding NaN, as combining left it
+        flags = np.where(unflagged, np.nan, flags)
+        count = np.where(unflagged, np.nan, count)
+        member = np.where(unflagged[..., None], np.nan, member)
+    out = ds.copy()
+    out["category"] = xr.DataArray(flags, dims=others, attrs=ds.category.attrs).transpose(*ds.category.dims)
+    out["in_category"] = xr.DataArray(member, dims=[*others, "category_name"],
+                                      attrs=ds.in_category.attrs).transpose(*ds.in_category.dims)
+    out["n_categories"] = xr.DataArray(count, dims=others, attrs=ds.n_categories.attrs).transpose(
+        *ds.n_categories.dims)
+    out.attrs.update(threshold=threshold, classify_by=classify_by)
+    if "parameters" in ds.attrs:
+        import json
+
+        params = json.loads(ds.attrs["parameters"])
+        params.update(threshold=threshold, classify_by=classify_by)
+        out.attrs["parameters"] = json.dumps(params, separators=(",", ":"))
+    return out
 
 
 def category_flags(member: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
