@@ -223,15 +223,15 @@ class SimilarityGridRenderer(Renderer):
                                               f"{len(prompts)} prompts (0 to {len(prompts) - 1})"))
         try:
             read = resolve_layers(getattr(probe_params, "layers", None), model.num_layers)
-        except ValueError:  # the probe's own check reports its layers
-            return problems
+        except ValueError:  # the probe's own check reports its layers; ours are still checked
+            read = None
         for i, want in enumerate(params.layers or ()):
             try:
                 value = resolve_layer(want, model.num_layers)
             except ValueError as exc:
                 problems.append(Problem(f"layers[{i}]", str(exc)))
                 continue
-            if value not in read:
+            if read is not None and value not in read:
                 have = ", ".join(map(layer_label, read))
                 problems.append(Problem(f"layers[{i}]", f"layer {want!r} is not among the layers the probe reads ({have})"))
         return problems

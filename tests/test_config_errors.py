@@ -460,7 +460,7 @@ def test_six_mistakes_of_one_renderer_and_its_probe_in_one_run(model_dirs, write
         "renderers[0].output": "'sim.jpg' must end in one of .png, .pdf, .svg",
         "renderers[0].cmap": "'YlOrRdd' is not a matplotlib colour map; did you mean 'YlOrRd'?",
         "renderers[0].prompt": "prompt 5 is out of range: the run has 2 prompts",
-        "renderers[0].layers[0]": "layer 3 is not among the layers the probe reads",
+        "renderers[0].layers[0]": "layer 3 is out of range",
         "probes[0].layers[0]": "layer 10 is out of range",
         "probes[0].layers[1]": "layer -7 is out of range",
     }
