@@ -1,0 +1,1 @@
+"""Attention scores per layer and head for probescope: a probe and a renderer."""
