@@ -140,6 +140,7 @@ _RENDERER = '''"""The {name} renderer: one line per model of a dataset's variabl
 from __future__ import annotations
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from pydantic import Field
 
 import probescope
@@ -169,6 +170,7 @@ class {cls}(Renderer):
                     label=str(ds.attrs.get("model", f"model {{index + 1}}")))
             ax.set_ylabel(values.attrs.get("long_name", variable))
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
         ax.legend(frameon=False)
         if params.title:
             figure.suptitle(params.title)
