@@ -28,7 +28,7 @@ def hooks_page() -> str:
     for name, function in inspect.getmembers(hookspecs, inspect.isfunction):
         if not hasattr(function, "probescope_spec"):
             continue
-        signature = str(inspect.signature(function)).replace("'", "")
+        signature = str(inspect.signature(function)).replace("'", "").replace("\"", "")
         lines += [f"## `{name}`", "", "```text", f"{name}{signature}", "```", "",
                   inspect.cleandoc(function.__doc__ or ""), ""]
     return "\n".join(lines).rstrip() + "\n"
