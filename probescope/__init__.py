@@ -14,34 +14,32 @@ listed in ``__all__``; the modules they are defined in are private.
 """
 
 from probescope.version import __version__
-from probescope.plugins.hookspecs import hookimpl
-from probescope.architectures.base import (
-    COMPONENTS, ArchitectureAdapter, Component, Features, Site, SiteRef, attention, component, embed,
-    head_output, logits, mlp_hidden, resid, resid_final, resid_mid, rotary_k, rotary_q,
-)
-from probescope.architectures.layout import ModelLayout
-from probescope.architectures.streamed import streamed_layout
-from probescope.errors import (
-    ConfigError, Failure, ModelLoadError, PluginError, Problem, ProbescopeError, ProbescopeWarning, RunFailed,
-    SiteError,
-)
-from probescope.inputs import THUMBNAIL_SIDE, TOKEN_KINDS, Batch, Prompt, thumbnails, token_kind_codes
-from probescope.layers import (
-    EMBED, EMBED_LAYER, LAST, Block, Layer, layer_label, layer_problems, resolve_layer, resolve_layers,
-)
-from probescope.models import LoadedModel, ModelInfo, is_model_folder, load_weights, read_config
-from probescope.config import ModelEntry
-from probescope.params import ConfigPath, Parameters, distinct
-from probescope.probe import Probe, ProbeRun, Read
+# ``progress`` is also the name of its (cheap) module: bound here, before anything imports
+# the module, so ``probescope.progress`` is always the function.
 from probescope.progress import progress
-from probescope.tokens import clean_token
-from probescope.schema import DatasetSchema, Variable
-from probescope.renderer import (
-    Renderer, RendererError, RendererParameters, add_title, check_dataset, coord_text, index_values,
-    known_colormap, panel_grid,
-)
-from probescope.api import load, render, run
-from probescope.results import combine
+
+# Where each public name is defined. Importing probescope costs nothing until a name is
+# used (PEP 562): ``probescope --help`` and ``probescope plugins`` must not pay for torch,
+# transformers, nnsight and matplotlib, which the modules below import.
+_HOME = {
+    **dict.fromkeys(('hookimpl',), 'probescope.plugins.hookspecs'),
+    **dict.fromkeys(('COMPONENTS', 'ArchitectureAdapter', 'Component', 'Features', 'Site', 'SiteRef', 'attention', 'component', 'embed', 'head_output', 'logits', 'mlp_hidden', 'resid', 'resid_final', 'resid_mid', 'rotary_k', 'rotary_q'), 'probescope.architectures.base'),
+    **dict.fromkeys(('ModelLayout',), 'probescope.architectures.layout'),
+    **dict.fromkeys(('streamed_layout',), 'probescope.architectures.streamed'),
+    **dict.fromkeys(('ConfigError', 'Failure', 'ModelLoadError', 'PluginError', 'Problem', 'ProbescopeError', 'ProbescopeWarning', 'RunFailed', 'SiteError'), 'probescope.errors'),
+    **dict.fromkeys(('THUMBNAIL_SIDE', 'TOKEN_KINDS', 'Batch', 'Prompt', 'thumbnails', 'token_kind_codes'), 'probescope.inputs'),
+    **dict.fromkeys(('EMBED', 'EMBED_LAYER', 'LAST', 'Block', 'Layer', 'layer_label', 'layer_problems', 'resolve_layer', 'resolve_layers'), 'probescope.layers'),
+    **dict.fromkeys(('LoadedModel', 'ModelInfo', 'is_model_folder', 'load_weights', 'read_config'), 'probescope.models'),
+    **dict.fromkeys(('ModelEntry',), 'probescope.config'),
+    **dict.fromkeys(('ConfigPath', 'Parameters', 'distinct'), 'probescope.params'),
+    **dict.fromkeys(('Probe', 'ProbeRun', 'Read'), 'probescope.probe'),
+    **dict.fromkeys(('clean_token',), 'probescope.tokens'),
+    **dict.fromkeys(('DatasetSchema', 'Variable'), 'probescope.schema'),
+    **dict.fromkeys(('Renderer', 'RendererError', 'RendererParameters', 'add_title', 'check_dataset', 'coord_text', 'index_values', 'known_colormap', 'panel_grid'), 'probescope.renderer'),
+    **dict.fromkeys(('load', 'render', 'run'), 'probescope.api'),
+    **dict.fromkeys(('combine',), 'probescope.results'),
+}
+
 
 __all__ = [
     # running and reading results
@@ -64,3 +62,20 @@ __all__ = [
     "Problem", "Failure", "ProbescopeError", "ConfigError", "RunFailed", "PluginError", "SiteError",
     "ModelLoadError", "ProbescopeWarning",
 ]
+
+
+def __getattr__(name: str):
+    """Import the module defining ``name`` on first use, and keep the value here."""
+    try:
+        module = _HOME[name]
+    except KeyError:
+        raise AttributeError(f"module 'probescope' has no attribute {name!r}") from None
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
