@@ -398,3 +398,30 @@ def test_the_traffic_light_example_draws_its_figure(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(tmp_path).is_file()
+
+
+def test_weights_only_probes_run_on_a_vision_language_folder(vlms, tmp_path):
+    """A run whose probes read only weights loads a vision-language folder whole (streaming
+    maps text-model tensor names only) and reads the text decoder's weights."""
+    vlm = vlms["llava"]
+    vlm.save(tmp_path / "models" / "llava")
+    (tmp_path / "probes.toml").write_text("""
+[[models]]
+name = "llava"
+path = "models/llava"
+
+[[probes]]
+use = "component_norm"
+statistic = "weight_norm"
+
+[output]
+dir = "out"
+""")
+    assert cli.main(["run", str(tmp_path / "probes.toml")]) == 0
+    ds = xr.open_dataset(tmp_path / "out" / "llava" / "component_norm.nc").load()
+    layers = vlm.model.get_decoder().layers
+    for layer in range(len(layers)):
+        for component, path in {"attn.q": "self_attn.q_proj", "mlp.down": "mlp.down_proj"}.items():
+            weight = layers[layer].get_submodule(path).weight.detach().float()
+            assert ds.value.sel(layer=layer, component=component).item() == pytest.approx(
+                torch.linalg.matrix_norm(weight).item(), rel=1e-5)
