@@ -300,21 +300,7 @@ def _panel(model: str, ds: xr.Dataset, combined: bool) -> _Panel:
             f"({', '.join(map(str, flag_values))}) do not define"
         )
 
-    if combined and finite.any():
-        # Combining models of different size pads the smaller ones with NaN layers and
-        # heads: leave those out, so each panel's limits are the model's own.
-        keep_h, keep_l = finite.any(axis=1), finite.any(axis=0)
-        heads = [h for h, k in zip(heads, keep_h) if k]
-        layers = [la for la, k in zip(layers, keep_l) if k]
-        data = data[keep_h][:, keep_l]
-
-    # Place every cell at its own layer and head, on a contiguous grid: layers or heads
-    # the dataset does not list stay blank.
-    x = list(range(min(layers), max(layers) + 1))
-    y = list(range(min(heads), max(heads) + 1))
-    grid = np.full((len(y), len(x)), np.nan)
-    grid[np.ix_([h - y[0] for h in heads], [la - x[0] for la in layers])] = data
-
+    x, y, grid = _placed(data, heads, layers, combined)
     order = np.argsort(flag_values)
     return _Panel(
         model, x, y, grid,
@@ -352,6 +338,17 @@ def _score_panel(model: str, ds: xr.Dataset, combined: bool, choice: str) -> _Pa
         data = np.nanmax(np.asarray(chosen.transpose("head", "layer", "relation").values, dtype=float), axis=-1)
     layers = index_values(ds, "layer")
     heads = index_values(ds, "head")
+    x, y, grid = _placed(data, heads, layers, combined)
+    return _Panel(model, x, y, grid, [], [])
+
+
+def _placed(data: np.ndarray, heads: list[int], layers: list[int], combined: bool
+            ) -> tuple[list[int], list[int], np.ndarray]:
+    """``data`` (head x layer) placed on a contiguous grid of layers ``x`` and heads ``y``:
+    layers or heads the dataset does not list stay blank (NaN).
+
+    Combining models of different size pads the smaller ones with NaN layers and heads:
+    for a combined dataset those are left out, so each panel's limits are the model's own."""
     finite = np.isfinite(data)
     if combined and finite.any():
         keep_h, keep_l = finite.any(axis=1), finite.any(axis=0)
@@ -362,7 +359,7 @@ def _score_panel(model: str, ds: xr.Dataset, combined: bool, choice: str) -> _Pa
     y = list(range(min(heads), max(heads) + 1))
     grid = np.full((len(y), len(x)), np.nan)
     grid[np.ix_([h - y[0] for h in heads], [la - x[0] for la in layers])] = data
-    return _Panel(model, x, y, grid, [], [])
+    return x, y, grid
 
 
 def _score_label(choice: str) -> str:
