@@ -1,7 +1,7 @@
 """Component norm: one number for every (layer, component) of a model.
 
 Answers questions like "which components write the most into the residual stream?" or
-"which parts did fine-tuning change most?" (DESIGN.md, figure 2). The components are the
+"which parts did fine-tuning change most?" (the component heatmap). The components are the
 canonical seven (``attn.q`` ... ``mlp.gate``); one a family lacks is NaN, never zero.
 
 Statistics:

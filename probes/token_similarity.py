@@ -1,6 +1,6 @@
 """Token similarity: how alike the hidden states of every pair of tokens are, layer by layer.
 
-Answers "do token representations become more alike with depth?" (DESIGN.md, figure 1).
+Answers "do token representations become more alike with depth?" (the token similarity grid).
 For each prompt and chosen layer, the similarity of token i's residual stream with each
 token j <= i (causal: a token only sees its past), computed inside the trace so that
 only a (token x token) matrix per prompt and layer leaves it.

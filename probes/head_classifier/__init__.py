@@ -1,6 +1,6 @@
 """Head classifier: which operations each attention head implements, read off its
 weights as in MAPS (Elhelo & Geva, "Inferring Functionality of Attention Heads from
-their Parameters", ACL 2025). DESIGN.md, figure 3.
+their Parameters", ACL 2025).
 
 For every relation (a list of source -> target word pairs: country -> capital, verb ->
 past tense, word -> itself, ...) and every head (l, h), the **relation score** is the
