@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import in_subprocess, measure, relation_word_tokenizer  # noqa: E402
+from common import in_subprocess, matmul_rate, measure, relation_word_tokenizer  # noqa: E402
 
 VOCAB, WIDTH, LAYERS, HEADS = 50257, 768, 12, 12
 
@@ -58,15 +58,6 @@ def build(relations: int | None):
         t = tokenize_relation(tokenizer, relation, cache, vocabulary=VOCAB)
         pairs.append((t.source, t.target, params.k_for(relation, VOCAB)))
     return layout, pairs
-
-
-def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def child(what: str, variant: str, relations: int | None) -> dict:

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import relation_word_tokenizer, status_kb  # noqa: E402
+from common import matmul_rate, relation_word_tokenizer, status_kb  # noqa: E402
 
 HEADS, KV_HEADS = 32, 8
 BF16 = 2  # bytes
@@ -132,15 +132,6 @@ def child(variant: str, folder: Path, out: Path) -> dict:
     ds[["relation_score", "suppression_score"]].drop_attrs().to_netcdf(out)
     return {"seconds": seconds, "peak_growth_mb": (peak - before) / 1024, "baseline_mb": before / 1024,
             "read_mb": read_bytes[0] / 2 ** 20, "flops": stats.get("flops", 0)}
-
-
-def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def budget_mb(s: dict, budget_bytes: int) -> dict:

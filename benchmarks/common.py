@@ -94,3 +94,16 @@ def relation_word_tokenizer(vocab: int, relations: int | None = None):
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def matmul_rate(dtype, n: int = 2048, repeats: int = 5) -> float:
+    """This machine's dense matmul rate in GFLOP/s for ``dtype`` (n x n products, after a
+    warm-up): the yardstick the benchmarks extrapolate time with."""
+    import torch
+
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9
