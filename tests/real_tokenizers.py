@@ -29,16 +29,12 @@ LLAMA3_PATTERN = (
 
 
 def byte_level_alphabet() -> dict[int, str]:
-    """GPT-2's map from bytes to printable characters (``Ġ`` for a space)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(printable, chars)}
+    """GPT-2's map from bytes to printable characters (``Ġ`` for a space): probescope's
+    own table inverted; the tokenizers built with it are checked against llama.cpp's
+    reference tokenizations, which a wrong table fails."""
+    from probescope.tokens import BYTE_LEVEL
+
+    return {byte: char for char, byte in BYTE_LEVEL.items()}
 
 
 def replay_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
