@@ -18,7 +18,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
@@ -91,8 +91,13 @@ class ModelEntry(_Strict):
 class Inputs(_Strict):
     """``[inputs]``: what is fed to every model."""
 
-    prompts: list[str] = Field(min_length=1)
-    batch_size: StrictInt = Field(default=8, ge=1)
+    prompts: Optional[Annotated[list[str], Field(min_length=1)]] = Field(
+        None, description="the prompts, inline; give this or prompts_file")
+    prompts_file: Optional[str] = Field(
+        None, description="a .txt (one prompt per line) or .jsonl (one JSON string or "
+        '{"text": ...} object per line) file of prompts, relative to the config file; '
+        "blank lines are skipped; give this or prompts")
+    batch_size: StrictInt = Field(default=8, ge=1, description="prompts per forward pass")
     # For vision-language models: image files paired with prompts by position ("" for a
     # text-only prompt), relative to the config file; checked in validate().
     images: list[str] | None = None
@@ -101,20 +106,38 @@ class Inputs(_Strict):
 
     @field_validator("prompts")
     @classmethod
-    def _no_empty_prompt(cls, prompts: list[str]) -> list[str]:
-        for i, prompt in enumerate(prompts):
+    def _no_empty_prompt(cls, prompts: list[str] | None) -> list[str] | None:
+        for i, prompt in enumerate(prompts or []):
             if not prompt.strip():
                 raise ValueError(f"prompt {i} is empty")
         return prompts
 
     @model_validator(mode="after")
-    def _one_image_per_prompt(self) -> "Inputs":
-        if self.images is not None and len(self.images) != len(self.prompts):
-            raise ValueError(
-                f"images has {len(self.images)} entries for {len(self.prompts)} prompts; give one per "
-                'prompt, in the same order ("" for a prompt without an image)'
-            )
+    def _one_source_of_prompts(self) -> "Inputs":
+        if self.prompts is not None and self.prompts_file is not None:
+            raise ValueError("give prompts (inline) or prompts_file, not both")
+        if self.prompts is None and self.prompts_file is None:
+            raise ValueError('give prompts = ["...", ...] or prompts_file = "prompts.txt" (or .jsonl)')
         return self
+
+    @model_validator(mode="after")
+    def _one_image_per_prompt(self) -> "Inputs":
+        # prompts from a file are counted against the images in validate(), once read
+        if self.images is not None and self.prompts is not None:
+            images_problem = image_count_problem(len(self.images), len(self.prompts))
+            if images_problem:
+                raise ValueError(images_problem)
+        return self
+
+
+def image_count_problem(images: int, prompts: int, prompts_file: str | None = None) -> str | None:
+    """Why ``images`` image entries do not pair with ``prompts`` prompts (read from
+    ``prompts_file``, if given), if they do not."""
+    if images == prompts:
+        return None
+    source = f" in {prompts_file}" if prompts_file else ""
+    return (f"images has {images} entries for {prompts} prompts{source}; give one per "
+            'prompt, in the same order ("" for a prompt without an image)')
 
 
 class _PluginEntry(BaseModel):
@@ -234,6 +257,15 @@ class Plan:
     #: the prompts as written, for checks that need only how many there are (a renderer's
     #: prompt index), even when some prompt is invalid; None when not even a list
     prompts_as_written: list[str] | None = None
+    #: the :class:`probescope.prompt_files.PromptFile` the prompts came from; None: inline
+    prompt_file: Any = None
+
+    def prompt_location(self, index: int) -> str:
+        """Where prompt ``index`` is written, for a problem with it: ``inputs.prompts[3]``,
+        or ``inputs.prompts_file (prompts.jsonl line 12)``."""
+        if self.prompt_file is None:
+            return f"inputs.prompts[{index}]"
+        return f"inputs.prompts_file ({self.prompt_file.where(index)})"
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -412,6 +444,11 @@ def validate(
     written = raw["inputs"].get("prompts") if isinstance(raw.get("inputs"), Mapping) else None
     prompts_as_written = [str(p) for p in written] if isinstance(written, list) else \
         None if "inputs" in raw else []
+    prompt_file = None
+    if inputs is not None and inputs.prompts_file is not None:
+        prompt_file, found = _prompt_file(inputs, base_dir)
+        problems += found
+        prompts_as_written = list(prompt_file.prompts) if not found else None
     probe_entries = _entries(ProbeEntry, raw, "probes", problems)
     if not raw.get("probes"):
         problems.append(Problem("probes", "at least one [[probes]] entry is required"))
@@ -519,6 +556,10 @@ def validate(
             renderers.append(RendererTask(renderer, params, probe_label, output_dir / entry.output, i))
 
     images: list[Any] = []
+    if inputs is not None and inputs.images is not None and prompt_file is not None and prompt_file.prompts:
+        images_problem = image_count_problem(len(inputs.images), len(prompt_file.prompts), inputs.prompts_file)
+        if images_problem:
+            problems.append(Problem("inputs.images", images_problem))
     if inputs is not None and inputs.images is not None:
         from probescope.inputs import read_images
 
@@ -530,7 +571,7 @@ def validate(
     return Plan(
         source=source,
         models=valid_models,
-        prompts=inputs.prompts if inputs is not None else [],
+        prompts=(prompt_file.prompts if prompt_file is not None else inputs.prompts or []) if inputs is not None else [],
         batch_size=inputs.batch_size if inputs is not None else 1,
         probes=probes,
         renderers=renderers,
@@ -540,7 +581,17 @@ def validate(
         chat_template=inputs.chat_template if inputs is not None else False,
         inputs_given="inputs" in raw,
         prompts_as_written=prompts_as_written,
+        prompt_file=prompt_file,
     )
+
+
+def _prompt_file(inputs: Inputs, base_dir: Path) -> tuple[Any, list[Problem]]:
+    """The prompts of ``inputs.prompts_file`` (relative to the config file's folder), and
+    a problem for each line, or the file, that is wrong."""
+    from probescope.prompt_files import read_prompts
+
+    read = read_prompts((base_dir / Path(inputs.prompts_file).expanduser()).resolve())
+    return read, [Problem("inputs.prompts_file", message) for message in read.problems]
 
 
 def _entry_model_problems(entries: Sequence[tuple[int, ProbeEntry]], names: Sequence[str]) -> list[Problem]:

@@ -110,7 +110,8 @@ def resolved_config(plan: Any) -> dict[str, Any]:
     return {
         "source": plan.source,
         "models": [entry.model_dump(mode="json") for _, entry in plan.models],
-        "inputs": {"prompts": list(plan.prompts), "batch_size": plan.batch_size},
+        "inputs": {"prompts": list(plan.prompts), "batch_size": plan.batch_size,
+                   **({"prompts_file": str(plan.prompt_file.path)} if getattr(plan, "prompt_file", None) else {})},
         "probes": [{"name": t.name, "use": t.probe.name, "version": getattr(t.probe, "version", ""),
                     "parameters": t.params.model_dump(mode="json")} for t in plan.probes],
         "renderers": [{"use": t.renderer.name, "probe": t.probe, "output": str(t.output),

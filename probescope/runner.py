@@ -108,7 +108,7 @@ def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedMode
             if info.max_positions is not None and len(prompt) > info.max_positions:
                 images = f" ({prompt.n_image_tokens} of them for its image)" if prompt.n_image_tokens else ""
                 problems.append(Problem(
-                    f"inputs.prompts[{prompt.index}]",
+                    plan.prompt_location(prompt.index),
                     f"model {info.name!r}: the prompt is {len(prompt)} tokens long{images}, but the model "
                     f"takes at most {info.max_positions}; shorten it",
                 ))
@@ -149,7 +149,7 @@ def _prompts(plan: Plan, info: models_mod.ModelInfo, tokenizer: Any, processor: 
         model_type=info.vision.model_type, image_token_id=info.vision.image_token_id,
         bidirectional_prefix=info.vision.bidirectional_prefix,
     )
-    return prompts, [Problem(f"inputs.prompts[{i}]", f"model {info.name!r}: {message}") for i, message in found]
+    return prompts, [Problem(plan.prompt_location(i), f"model {info.name!r}: {message}") for i, message in found]
 
 
 def _needs_prompts(plan: Plan, info: models_mod.ModelInfo) -> list[Problem]:
@@ -163,7 +163,7 @@ def _needs_prompts(plan: Plan, info: models_mod.ModelInfo) -> list[Problem]:
             continue
     if not readers:
         return []
-    return [Problem("inputs", f"required section is missing; it holds prompts = [...], which "
+    return [Problem("inputs", f"required section is missing; it holds prompts = [...] or prompts_file, which "
                               f"{', '.join(map(repr, readers))} need{'s' if len(readers) == 1 else ''}")]
 
 

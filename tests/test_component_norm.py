@@ -295,8 +295,8 @@ def test_inputs_are_required_only_by_statistics_that_run_the_model(model_dirs, s
     config = {"models": [{"name": "tiny", "path": str(model_dirs["gpt2"])}],
               "probes": [{"use": "component_norm", "statistic": statistic}]}
     if needs_prompts:
-        with pytest.raises(ConfigError, match=r"inputs: required section is missing; it holds prompts = \[\.\.\.\], "
-                                              r"which 'component_norm' needs"):
+        with pytest.raises(ConfigError, match=r"inputs: required section is missing; it holds prompts = \[\.\.\.\] "
+                                              r"or prompts_file, which 'component_norm' needs"):
             probescope.run(config, write=False)
     else:
         ds = probescope.run(config, write=False)["tiny"]["component_norm"]
