@@ -23,16 +23,18 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-import numpy as np
-import torch
-import xarray as xr
 from pydantic import Field, field_validator, model_validator
 
 from probescope import (
     COMPONENTS, Batch, Block, ConfigPath, DatasetSchema, ModelEntry, ModelLayout, ModelLoadError, Parameters, Probe,
     ProbeRun, ProbescopeError, Problem, Read, Variable, component, distinct, hookimpl, is_model_folder, layer_problems,
-    load_weights, progress, read_config, resolve_layers, streamed_layout,
+    load_weights, progress, read_config, resolve_layers, streamed_layout, lazy_import,
 )
+
+np = lazy_import("numpy")
+torch = lazy_import("torch")
+xr = lazy_import("xarray")
+
 
 Statistic = Literal["activation_norm", "weight_norm", "relative_update", "grad_norm"]
 ComponentName = Literal["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down", "mlp.gate"]

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
-import torch
-import xarray as xr
 from pydantic import Field, field_validator
 
 from probescope import (
     EMBED_LAYER, THUMBNAIL_SIDE, TOKEN_KINDS, Batch, DatasetSchema, Layer, Parameters, Probe, ProbeRun, Problem, Read, Variable, distinct, embed,
-    hookimpl, layer_label, layer_problems, resid, resolve_layers, thumbnails, token_kind_codes,
+    hookimpl, layer_label, layer_problems, resid, resolve_layers, thumbnails, token_kind_codes, lazy_import,
 )
+
+np = lazy_import("numpy")
+torch = lazy_import("torch")
+xr = lazy_import("xarray")
 
 
 class TokenSimilarityParameters(Parameters):

@@ -38,6 +38,7 @@ _HOME = {
     **dict.fromkeys(('Renderer', 'RendererError', 'RendererParameters', 'add_title', 'check_dataset', 'coord_text', 'index_values', 'known_colormap', 'panel_grid'), 'probescope.renderer'),
     **dict.fromkeys(('load', 'render', 'run'), 'probescope.api'),
     **dict.fromkeys(('combine',), 'probescope.results'),
+    **dict.fromkeys(('lazy_import',), 'probescope.lazy_imports'),
 }
 
 
@@ -50,7 +51,7 @@ __all__ = [
     "known_colormap", "index_values", "coord_text", "clean_token",
     "DatasetSchema", "Variable",
     "Batch", "Prompt", "TOKEN_KINDS", "THUMBNAIL_SIDE", "token_kind_codes", "thumbnails", "ModelInfo", "LoadedModel", "ModelLayout", "streamed_layout", "progress",
-    "ModelEntry", "read_config", "load_weights", "is_model_folder",
+    "ModelEntry", "read_config", "load_weights", "is_model_folder", "lazy_import",
     # layers
     "Layer", "Block", "EMBED", "LAST", "EMBED_LAYER", "resolve_layer", "resolve_layers", "layer_problems",
     "layer_label",

@@ -17,18 +17,21 @@ import struct
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from probescope.errors import ModelLoadError
+from probescope.lazy_imports import lazy_import
+
+torch = lazy_import("torch")
+
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
-#: safetensors dtype names -> torch dtypes
+#: safetensors dtype names -> names of torch dtypes (names, so importing this module does
+#: not import torch)
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }
 
 Fetch = Callable[[str], Path]  # file name in the checkpoint -> local path (downloading it if need be)
@@ -110,7 +113,7 @@ class Checkpoint:
         if name not in DTYPES:
             raise ModelLoadError(f"checkpoint {self.source!r}: tensor {key!r} has dtype {name}, which probescope "
                                  f"cannot read; readable: {', '.join(DTYPES)}")
-        return DTYPES[name]
+        return getattr(torch, DTYPES[name])
 
     def read(self, key: str) -> torch.Tensor:
         """Tensor ``key`` as stored (dtype and shape), in memory of its own."""

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-import torch
-
 from probescope.errors import InputError
 from probescope.tokens import clean_token
+from probescope.lazy_imports import lazy_import
+
+np = lazy_import("numpy")
+torch = lazy_import("torch")
+
 
 #: Longest side of the thumbnail a token dataset keeps of each prompt's image, in pixels.
 THUMBNAIL_SIDE = 128

@@ -12,21 +12,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from probescope.architectures.base import ArchitectureAdapter, BlockListAdapter, config_value, get_submodule
 from probescope.errors import ModelLoadError, UnsupportedArchitectureError
+from probescope.lazy_imports import lazy_import
+
+torch = lazy_import("torch")
+
 
 if TYPE_CHECKING:
     from probescope.architectures.layout import ModelLayout
     from probescope.config import ModelEntry
 
-DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
+def torch_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype a model entry's ``dtype`` names (validated by the config); None for
+    ``auto``, the checkpoint's own."""
+    return None if name == "auto" else getattr(torch, name)
 
 
 def _dtype_kwarg() -> str:
@@ -313,7 +313,7 @@ def load_weights(entry: "ModelEntry", vision: bool = False) -> torch.nn.Module:
     source = _source(entry)
     kwargs = _hub_kwargs(entry)
     kwargs["use_safetensors"] = entry.use_safetensors
-    kwargs[_dtype_kwarg()] = "auto" if entry.dtype == "auto" else DTYPES[entry.dtype]
+    kwargs[_dtype_kwarg()] = torch_dtype(entry.dtype) or "auto"
     if entry.device_map is not None:
         kwargs["device_map"] = entry.device_map
     from probescope.progress import quiet_libraries

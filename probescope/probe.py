@@ -30,19 +30,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Hashable, Optional
 
-import torch
-import xarray as xr
-
 from probescope.architectures.base import SiteRef
 from probescope.errors import Problem
 from probescope.inputs import Batch, Prompt
 from probescope.params import Parameters
+from probescope.lazy_imports import lazy_import
+
+torch = lazy_import("torch")
+xr = lazy_import("xarray")
+
 
 if TYPE_CHECKING:
     from probescope.models import LoadedModel, ModelInfo
     from probescope.schema import DatasetSchema
 
-Reduction = Callable[[torch.Tensor, Batch], Any]
+Reduction = Callable[["torch.Tensor", Batch], Any]
 
 
 @dataclass(frozen=True)

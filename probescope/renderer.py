@@ -17,13 +17,16 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Optional, Sequence
 
-import numpy as np
-import xarray as xr
-from matplotlib.figure import Figure
 from pydantic import Field
 
 from probescope.errors import PluginError, Problem
 from probescope.params import Parameters, coerce_parameters  # noqa: F401  (renderers coerce with it)
+from probescope.lazy_imports import lazy_import
+
+np = lazy_import("numpy")
+xr = lazy_import("xarray")
+mfigure = lazy_import("matplotlib.figure")
+
 
 if TYPE_CHECKING:
     from probescope.schema import DatasetSchema
@@ -72,7 +75,7 @@ class Renderer:
         """
         return []
 
-    def render(self, datasets: Sequence[xr.Dataset], params: Any) -> Figure:
+    def render(self, datasets: Sequence[xr.Dataset], params: Any) -> mfigure.Figure:
         """Draw the datasets (one per model). Build the figure with
         ``matplotlib.figure.Figure`` rather than pyplot, so no global state is touched."""
         raise NotImplementedError
@@ -146,7 +149,7 @@ def panel_grid(n: int, columns: Optional[int] = None) -> tuple[int, int]:
     return math.ceil(n / columns), columns
 
 
-def add_title(figure: Figure, title: Optional[str]) -> None:
+def add_title(figure: mfigure.Figure, title: Optional[str]) -> None:
     """The figure's title (the ``title`` parameter), when there is one; taken literally
     (no mathtext)."""
     if title:

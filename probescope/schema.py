@@ -17,9 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
+from probescope.lazy_imports import lazy_import
 
-import numpy as np
-import xarray as xr
+np = lazy_import("numpy")
+xr = lazy_import("xarray")
+
 
 #: The types a variable may declare: numpy dtype names, "str" for text (stored as
 #: object or fixed-width unicode), "float" for any floating type.

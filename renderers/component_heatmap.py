@@ -40,33 +40,39 @@ It reads datasets only, so a saved result can be drawn again without the models:
 
 from __future__ import annotations
 
+import functools
 import math
 import textwrap
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence
 
-import matplotlib
-import numpy as np
-import xarray as xr
-from matplotlib.colors import LinearSegmentedColormap, Normalize, TwoSlopeNorm
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch, Rectangle
-from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
 from pydantic import Field, field_validator, model_validator
 
 from probescope import (
     COMPONENTS, Renderer, RendererError, RendererParameters, add_title, coord_text, hookimpl, index_values,
-    known_colormap, panel_grid,
+    known_colormap, panel_grid, lazy_import,
 )
 from probescope.probes.component_norm import SCHEMA
 
-#: The default colour map: ColorBrewer blues (RdBu's) through white to ColorBrewer
+matplotlib = lazy_import("matplotlib")
+np = lazy_import("numpy")
+xr = lazy_import("xarray")
+mcolors = lazy_import("matplotlib.colors")
+mfigure = lazy_import("matplotlib.figure")
+mpatches = lazy_import("matplotlib.patches")
+mticker = lazy_import("matplotlib.ticker")
+
+
+#: The default colour map's stops: ColorBrewer blues (RdBu's) through white to ColorBrewer
 #: oranges (PuOr's), so values below the centre read blue and values above it orange.
-BLUE_WHITE_ORANGE = LinearSegmentedColormap.from_list(
-    "probescope_blue_white_orange",
-    ["#2166ac", "#67a9cf", "#d1e5f0", "#ffffff", "#fee0b6", "#fdb863", "#e66101"],
-)
+BLUE_WHITE_ORANGE = ("#2166ac", "#67a9cf", "#d1e5f0", "#ffffff", "#fee0b6", "#fdb863", "#e66101")
+
+
+@functools.cache
+def blue_white_orange() -> mcolors.Colormap:
+    """The default colour map, built on first use (matplotlib is imported only to draw)."""
+    return mcolors.LinearSegmentedColormap.from_list("probescope_blue_white_orange", list(BLUE_WHITE_ORANGE))
 
 #: The default colour map without a centre: sequential, perceptually uniform, readable in grey.
 SEQUENTIAL_CMAP = "viridis"
@@ -256,7 +262,7 @@ class ComponentHeatmapRenderer(Renderer):
     Error = ComponentHeatmapError
     schema = SCHEMA
 
-    def render(self, datasets: Sequence[xr.Dataset], params: Any = None) -> Figure:
+    def render(self, datasets: Sequence[xr.Dataset], params: Any = None) -> mfigure.Figure:
         """Draw the ``component_norm`` datasets (one per model, in order).
 
         :param datasets: the probe's datasets; a dataset with a ``model`` dimension
@@ -285,10 +291,6 @@ def component_label(component: str, wrap: bool = False) -> str:
     if not dot:
         return component
     return f"{block}.\n{part}" if wrap else f"{block}. {part}"
-
-
-
-
 
 
 def _panels(models: list[tuple[str, xr.Dataset, bool]]) -> list[_Panel]:
@@ -419,7 +421,7 @@ def _center(params: ComponentHeatmapParameters) -> Optional[float]:
     return 1.0 if params.normalize == "component" else None
 
 
-def _norms(panels: list[_Panel], params: ComponentHeatmapParameters, log: bool) -> list[Normalize]:
+def _norms(panels: list[_Panel], params: ComponentHeatmapParameters, log: bool) -> list[mcolors.Normalize]:
     """One norm per panel, on the panels' (transformed) values; the very same object for
     all of them with ``shared_scale``."""
     if params.shared_scale:
@@ -437,7 +439,7 @@ def _norms(panels: list[_Panel], params: ComponentHeatmapParameters, log: bool) 
     return [_norm(panel.drawn, params, log) for panel in panels]
 
 
-def _norm(values: np.ndarray, params: ComponentHeatmapParameters, log: bool) -> Normalize:
+def _norm(values: np.ndarray, params: ComponentHeatmapParameters, log: bool) -> mcolors.Normalize:
     """A TwoSlopeNorm around the centre, else a plain Normalize between robust limits;
     user values are in data units and move to log10 on a log scale."""
     def t(v: Optional[float]) -> Optional[float]:
@@ -452,7 +454,7 @@ def _norm(values: np.ndarray, params: ComponentHeatmapParameters, log: bool) -> 
         if values.size and (low_p, high_p) != (0.0, 100.0):
             lo, hi = np.percentile(values, [low_p, high_p])
             robust = np.clip(values, lo, hi)
-        return TwoSlopeNorm(*_scale(robust, center, vmin, vmax))
+        return mcolors.TwoSlopeNorm(*_scale(robust, center, vmin, vmax))
     if values.size:
         lo, hi = (float(v) for v in np.percentile(values, [low_p, high_p]))
     else:
@@ -464,7 +466,7 @@ def _norm(values: np.ndarray, params: ComponentHeatmapParameters, log: bool) -> 
             hi = lo + _pad(lo)
         else:
             lo = hi - _pad(hi)
-    return Normalize(lo, hi)
+    return mcolors.Normalize(lo, hi)
 
 
 def _pad(x: float) -> float:
@@ -542,8 +544,8 @@ def _layout(panels: list[_Panel], params: ComponentHeatmapParameters) -> _Layout
 
 
 def _draw(
-    panels: list[_Panel], norms: list[Normalize], params: ComponentHeatmapParameters, log: bool = False
-) -> Figure:
+    panels: list[_Panel], norms: list[mcolors.Normalize], params: ComponentHeatmapParameters, log: bool = False
+) -> mfigure.Figure:
     layout = _layout(panels, params)
     n = len(panels)
     n_rows, n_cols = panel_grid(n, params.columns)
@@ -557,12 +559,12 @@ def _draw(
     legend_h = 0.4 if (has_absent or has_no_value) else 0.0
     fig_w = n_cols * cell_w + (_COLORBAR_W + 0.2 if shared else 0.0) + 0.2
     fig_h = n_rows * cell_h + legend_h + (0.45 if params.title else 0.1)
-    figure = Figure(figsize=(fig_w, fig_h), layout="constrained")
+    figure = mfigure.Figure(figsize=(fig_w, fig_h), layout="constrained")
 
     if params.cmap:
         base = matplotlib.colormaps[params.cmap]
     else:
-        base = BLUE_WHITE_ORANGE if _center(params) is not None else matplotlib.colormaps[SEQUENTIAL_CMAP]
+        base = blue_white_orange() if _center(params) is not None else matplotlib.colormaps[SEQUENTIAL_CMAP]
     cmap = base.with_extremes(bad=NO_VALUE_FACE)
 
     spec = figure.add_gridspec(n_rows, n_cols)
@@ -580,13 +582,13 @@ def _draw(
     handles = []
     if has_absent:
         handles.append(
-            Patch(
+            mpatches.Patch(
                 facecolor=ABSENT_FACE, edgecolor=ABSENT_HATCH_COLOR, hatch=ABSENT_HATCH,
                 linewidth=0.0, label="hatched: component absent in this model family",
             )
         )
     if has_no_value:
-        handles.append(Patch(facecolor=NO_VALUE_FACE, label="grey: no value"))
+        handles.append(mpatches.Patch(facecolor=NO_VALUE_FACE, label="grey: no value"))
     if handles:
         figure.legend(
             handles=handles, loc="outside lower center", ncols=len(handles), frameon=False,
@@ -596,7 +598,7 @@ def _draw(
     return figure
 
 
-def _draw_panel(ax, panel: _Panel, norm: Normalize, cmap, layout: _Layout, first: bool):
+def _draw_panel(ax, panel: _Panel, norm: mcolors.Normalize, cmap, layout: _Layout, first: bool):
     n_layers, n_comp = panel.values.shape
     data = np.ma.masked_invalid(panel.values)
     image = ax.imshow(
@@ -616,7 +618,7 @@ def _draw_panel(ax, panel: _Panel, norm: Normalize, cmap, layout: _Layout, first
                 start = row
             elif not inside and start is not None:
                 ax.add_patch(
-                    Rectangle(
+                    mpatches.Rectangle(
                         (j - 0.5, start - 0.5), 1.0, row - start, facecolor=ABSENT_FACE,
                         edgecolor=ABSENT_HATCH_COLOR, hatch=ABSENT_HATCH, linewidth=0.0,
                         gid="absent", zorder=2,
@@ -660,21 +662,21 @@ def _layer_ticks(ax, layers: list[int], height: float) -> None:
     positions 0, 1, 2... and labelled with their layer index."""
     n = len(layers)
     if n <= _MAX_LAYER_LABELS and n * _TICK_FONT * 1.5 <= height * 72:
-        ax.yaxis.set_major_locator(FixedLocator(range(n)))
+        ax.yaxis.set_major_locator(mticker.FixedLocator(range(n)))
     else:
         nbins = max(3, min(10, int(height * 72 / (_TICK_FONT * 3.5))))
         ax.yaxis.set_major_locator(
-            MaxNLocator(nbins=nbins, integer=True, steps=[1, 2, 5, 10], min_n_ticks=3)
+            mticker.MaxNLocator(nbins=nbins, integer=True, steps=[1, 2, 5, 10], min_n_ticks=3)
         )
 
     def label(position: float, _: Any) -> str:
         i = int(round(position))
         return str(layers[i]) if 0 <= i < n and abs(position - i) < 1e-6 else ""
 
-    ax.yaxis.set_major_formatter(FuncFormatter(label))
+    ax.yaxis.set_major_formatter(mticker.FuncFormatter(label))
 
 
-def _extend(norm: Normalize, panels: list[_Panel]) -> str:
+def _extend(norm: mcolors.Normalize, panels: list[_Panel]) -> str:
     """Which ends of the colour bar get an arrow: where values drawn lie beyond the limits."""
     values = np.concatenate([panel.drawn for panel in panels])
     if not values.size:
@@ -696,7 +698,7 @@ def _log_ticks(lo: float, hi: float) -> list[float]:
     return ticks if len(ticks) >= 2 else [lo, hi]
 
 
-def _colorbar(figure: Figure, image, axes: list, label: str, length: float, extend: str = "neither",
+def _colorbar(figure: mfigure.Figure, image, axes: list, label: str, length: float, extend: str = "neither",
               log: bool = False) -> None:
     colorbar = figure.colorbar(
         image, ax=axes, location="right", fraction=0.08, aspect=25, pad=0.03, extend=extend,
@@ -706,17 +708,17 @@ def _colorbar(figure: Figure, image, axes: list, label: str, length: float, exte
     lo, hi = float(norm.vmin), float(norm.vmax)
     if log:
         colorbar.set_ticks(_log_ticks(lo, hi))
-        colorbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _format_value(10.0 ** v)))
+        colorbar.ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: _format_value(10.0 ** v)))
         colorbar.ax.minorticks_off()
-    elif isinstance(norm, TwoSlopeNorm):
+    elif isinstance(norm, mcolors.TwoSlopeNorm):
         # The two halves of the scale stretch differently, so ticks spaced evenly in value
         # would crowd one half: put the ends, the centre and the middle of each half.
         mid = float(norm.vcenter)
         colorbar.set_ticks([lo, (lo + mid) / 2, mid, (mid + hi) / 2, hi])
-        colorbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _format_value(v)))
+        colorbar.ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: _format_value(v)))
     else:
-        colorbar.ax.yaxis.set_major_locator(MaxNLocator(nbins=6))
-        colorbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _format_value(v)))
+        colorbar.ax.yaxis.set_major_locator(mticker.MaxNLocator(nbins=6))
+        colorbar.ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: _format_value(v)))
     if log:
         label = f"{label} (log scale)"
     chars = max(12, int(0.95 * length * 72 / (8.5 * 0.55)))
@@ -739,10 +741,6 @@ def _isnull(values: np.ndarray) -> np.ndarray:
     if values.dtype == bool:
         return np.zeros(values.shape, dtype=bool)
     return np.asarray(xr.DataArray(values).isnull().values)
-
-
-
-
 
 
 @hookimpl

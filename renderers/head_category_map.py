@@ -53,20 +53,22 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence, Union
 
-import matplotlib
-import numpy as np
-import xarray as xr
-from matplotlib.colors import BoundaryNorm, ListedColormap, Normalize, is_color_like, to_hex, to_rgba
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
 from pydantic import Field, field_validator
 
 from probescope import (
     Renderer, RendererError, RendererParameters, add_title, coord_text, hookimpl, index_values, known_colormap,
-    panel_grid,
+    panel_grid, lazy_import,
 )
 from probescope.probes.head_classifier import SCHEMA
+
+matplotlib = lazy_import("matplotlib")
+np = lazy_import("numpy")
+xr = lazy_import("xarray")
+mcolors = lazy_import("matplotlib.colors")
+mfigure = lazy_import("matplotlib.figure")
+mpatches = lazy_import("matplotlib.patches")
+mticker = lazy_import("matplotlib.ticker")
+
 
 #: The flag meaning of heads in no category.
 UNCLASSIFIED = "unclassified"
@@ -118,11 +120,7 @@ def multi_category_colors(count: int) -> list[str]:
     cmap = matplotlib.colormaps[MULTI_CATEGORY_CMAP]
     low, high = _MULTI_RAMP
     points = [0.5 * (low + high)] if count == 1 else np.linspace(low, high, count)
-    return [to_hex(cmap(float(p))) for p in points]
-
-
-#: The multi-category colours of the four built-in categories: 2, 3 and 4 categories.
-MULTI_CATEGORY_COLORS = tuple(multi_category_colors(3))
+    return [mcolors.to_hex(cmap(float(p))) for p in points]
 
 
 def meaning_label(meaning: str) -> str:
@@ -193,7 +191,7 @@ class HeadCategoryMapParameters(RendererParameters):
                     f"{meaning!r} is not a flag meaning: flag meanings are single words such "
                     "as 'unclassified', 'knowledge' or '2_categories'"
                 )
-            if not is_color_like(color):
+            if not mcolors.is_color_like(color):
                 raise ValueError(
                     f"colors[{meaning!r}] = {color!r} is not a matplotlib colour; give a name "
                     "('tab:red'), a hex code ('#1f77b4') or an RGB(A) tuple of numbers in [0, 1]"
@@ -243,7 +241,7 @@ class HeadCategoryMapRenderer(Renderer):
     Error = HeadCategoryMapError
     schema = SCHEMA
 
-    def render(self, datasets: Sequence[xr.Dataset], params: Any = None) -> Figure:
+    def render(self, datasets: Sequence[xr.Dataset], params: Any = None) -> mfigure.Figure:
         """Draw the ``head_classifier`` datasets (one per model, in order).
 
         :param datasets: the probe's datasets; a dataset with a ``model`` dimension
@@ -368,15 +366,15 @@ def _score_label(choice: str) -> str:
     return f"relation score: {choice.replace('_', ' ')}"
 
 
-def _draw_scores(panels: list[_Panel], params: HeadCategoryMapParameters) -> Figure:
+def _draw_scores(panels: list[_Panel], params: HeadCategoryMapParameters) -> mfigure.Figure:
     """Scores on one 0-1 sequential scale, one colour bar for every panel."""
     n_rows, n_cols = panel_grid(len(panels), params.columns)
     width, height = _panel_size(panels, params)
     fig_w = max(3.6, n_cols * (_YLABEL_W + width + 0.15) + 1.0)
     fig_h = n_rows * (_TITLE_H + height + _XLABEL_H) + (0.45 if params.title else 0.1)
-    figure = Figure(figsize=(fig_w, fig_h), layout="constrained")
+    figure = mfigure.Figure(figsize=(fig_w, fig_h), layout="constrained")
     cmap = matplotlib.colormaps[params.score_cmap].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
-    norm = Normalize(0.0, 1.0)
+    norm = mcolors.Normalize(0.0, 1.0)
     spec = figure.add_gridspec(n_rows, n_cols)
     axes, image = [], None
     for i, panel in enumerate(panels):
@@ -484,7 +482,7 @@ def _meaning_colors(meanings: list[str], overrides: Optional[dict[str, Any]]) ->
         )
     multi = [m for m in meanings if _kind(m)[0] == 2]
     ramp = dict(zip(multi, multi_category_colors(len(multi))))
-    spare = list(EXTRA_CATEGORY_COLORS) + [to_hex(c) for c in matplotlib.colormaps["tab20"].colors]
+    spare = list(EXTRA_CATEGORY_COLORS) + [mcolors.to_hex(c) for c in matplotlib.colormaps["tab20"].colors]
     colors: dict[str, tuple] = {}
     extra = 0
     for meaning in meanings:
@@ -498,7 +496,7 @@ def _meaning_colors(meanings: list[str], overrides: Optional[dict[str, Any]]) ->
         else:
             color = spare[extra % len(spare)]
             extra += 1
-        colors[meaning] = to_rgba(overrides.get(meaning, color))
+        colors[meaning] = mcolors.to_rgba(overrides.get(meaning, color))
     return colors
 
 
@@ -519,25 +517,25 @@ def _panel_size(panels: list[_Panel], params: HeadCategoryMapParameters) -> tupl
 def _draw(
     panels: list[_Panel], meanings: list[str], colors: dict[str, tuple],
     params: HeadCategoryMapParameters,
-) -> Figure:
+) -> mfigure.Figure:
     n_rows, n_cols = panel_grid(len(panels), params.columns)
     width, height = _panel_size(panels, params)
 
     blank = any(np.isnan(panel.flags).any() for panel in panels)
     handles = [
-        Patch(facecolor=colors[m], edgecolor="#666666", linewidth=0.5, label=meaning_label(m))
+        mpatches.Patch(facecolor=colors[m], edgecolor="#666666", linewidth=0.5, label=meaning_label(m))
         for m in meanings
     ]
     if blank:
         handles.append(
-            Patch(facecolor=NO_DATA_COLOR, edgecolor="#666666", linewidth=0.5, label=NO_DATA_LABEL)
+            mpatches.Patch(facecolor=NO_DATA_COLOR, edgecolor="#666666", linewidth=0.5, label=NO_DATA_LABEL)
         )
 
     fig_w = max(3.6, n_cols * (_YLABEL_W + width + 0.15) + 0.2)
     legend_cols = max(1, min(len(handles), int((fig_w - 0.2) / _LEGEND_ENTRY_W)))
     legend_h = math.ceil(len(handles) / legend_cols) * _LEGEND_ROW_H + 0.2
     fig_h = n_rows * (_TITLE_H + height + _XLABEL_H) + legend_h + (0.45 if params.title else 0.1)
-    figure = Figure(figsize=(fig_w, fig_h), layout="constrained")
+    figure = mfigure.Figure(figsize=(fig_w, fig_h), layout="constrained")
 
     spec = figure.add_gridspec(n_rows, n_cols)
     for i, panel in enumerate(panels):
@@ -554,12 +552,12 @@ def _draw(
 
 def _draw_panel(ax, panel: _Panel, colors: dict[str, tuple], first: bool) -> None:
     values = panel.flag_values
-    cmap = ListedColormap([colors[m] for m in panel.flag_meanings]).with_extremes(
+    cmap = mcolors.ListedColormap([colors[m] for m in panel.flag_meanings]).with_extremes(
         bad=(0.0, 0.0, 0.0, 0.0)  # blank: the axes' white shows through
     )
     # One bin per flag value, edges halfway between neighbouring values.
     edges = [values[0] - 0.5] + [(a + b) / 2 for a, b in zip(values, values[1:])] + [values[-1] + 0.5]
-    norm = BoundaryNorm(edges, cmap.N)
+    norm = mcolors.BoundaryNorm(edges, cmap.N)
     x0, x1 = panel.layers[0] - 0.5, panel.layers[-1] + 0.5
     y0, y1 = panel.heads[0] - 0.5, panel.heads[-1] + 0.5
     ax.set_facecolor(NO_DATA_COLOR)
@@ -575,7 +573,7 @@ def _axes_style(ax, panel: _Panel, first: bool, x0: float, x1: float, y0: float,
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)  # head 0 at the bottom
     for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_locator(MaxNLocator(nbins=_MAX_TICKS - 1, integer=True, steps=[1, 2, 5, 10]))
+        axis.set_major_locator(mticker.MaxNLocator(nbins=_MAX_TICKS - 1, integer=True, steps=[1, 2, 5, 10]))
     ax.tick_params(labelsize=_TICK_FONT, length=2, width=0.6, pad=1.5)
     ax.set_xlabel("layer", fontsize=9)
     if first:

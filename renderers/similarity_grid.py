@@ -36,19 +36,21 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-import matplotlib
-import numpy as np
-import xarray as xr
-from matplotlib.colors import Normalize
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from pydantic import Field, field_validator, model_validator
 
 from probescope import (
     EMBED, EMBED_LAYER, Layer, Problem, Renderer, RendererError, RendererParameters, add_title, coord_text, distinct,
-    clean_token, hookimpl, index_values, known_colormap, layer_label, resolve_layer, resolve_layers,
+    clean_token, hookimpl, index_values, known_colormap, layer_label, resolve_layer, resolve_layers, lazy_import,
 )
 from probescope.probes.token_similarity import SCHEMA
+
+matplotlib = lazy_import("matplotlib")
+np = lazy_import("numpy")
+xr = lazy_import("xarray")
+mcolors = lazy_import("matplotlib.colors")
+mfigure = lazy_import("matplotlib.figure")
+mticker = lazy_import("matplotlib.ticker")
+
 
 #: How a layer is chosen, as in the token_similarity probe's ``layers``: a block index
 #: (0-based; negative counts from the end of each model's blocks, so -1 is its last block),
@@ -236,7 +238,7 @@ class SimilarityGridRenderer(Renderer):
                 problems.append(Problem(f"layers[{i}]", f"layer {want!r} is not among the layers the probe reads ({have})"))
         return problems
 
-    def render(self, datasets: Sequence[xr.Dataset], params: Any = None) -> Figure:
+    def render(self, datasets: Sequence[xr.Dataset], params: Any = None) -> mfigure.Figure:
         """Draw one prompt of the ``token_similarity`` datasets (one per model, in order).
 
         :param datasets: the probe's datasets; a dataset with a ``model`` dimension
@@ -255,8 +257,6 @@ class SimilarityGridRenderer(Renderer):
 
 # --------------------------------------------------------------------------------------
 # Reading the datasets
-
-
 
 
 def _without_padding(models: list[tuple[str, xr.Dataset, bool]]) -> list[tuple[str, xr.Dataset]]:
@@ -438,7 +438,7 @@ def _limit_values(row: _Row, panel: _Panel, params: SimilarityGridParameters) ->
     return values
 
 
-def _norm(rows: list[_Row], params: SimilarityGridParameters) -> Normalize:
+def _norm(rows: list[_Row], params: SimilarityGridParameters) -> mcolors.Normalize:
     drawn = [panel.data.compressed() for row in rows for panel in row.panels]
     values = np.concatenate(drawn) if drawn else np.array([])
     if values.size == 0:
@@ -471,10 +471,10 @@ def _norm(rows: list[_Row], params: SimilarityGridParameters) -> Normalize:
                 f"vmax ({vmax}) is not above the smallest value drawn ({low:.4g}); "
                 "give vmin as well, or a larger vmax"
             )
-    return Normalize(vmin=vmin, vmax=vmax)
+    return mcolors.Normalize(vmin=vmin, vmax=vmax)
 
 
-def _extend(rows: list[_Row], norm: Normalize) -> str:
+def _extend(rows: list[_Row], norm: mcolors.Normalize) -> str:
     """Colour bar arrows on the sides where drawn values lie beyond the limits."""
     values = np.concatenate([panel.data.compressed() for row in rows for panel in row.panels])
     low, high = values.min() < norm.vmin - 1e-6, values.max() > norm.vmax + 1e-6
@@ -486,8 +486,8 @@ def _extend(rows: list[_Row], norm: Normalize) -> str:
 
 
 def _draw(
-    rows: list[_Row], params: SimilarityGridParameters, norm: Normalize, metric: str
-) -> Figure:
+    rows: list[_Row], params: SimilarityGridParameters, norm: mcolors.Normalize, metric: str
+) -> mfigure.Figure:
     n_rows = len(rows)
     n_cols = max(len(row.panels) for row in rows)
     shared_columns = all(
@@ -523,7 +523,7 @@ def _draw(
     grid_w = y_label + n_cols * (side + 0.15) + 1.0  # + colour bar
     grid_h = sum(heights) + (0.45 if params.title else 0.1)
     prompt_w = _PROMPT_PANEL_WIDTH if params.show_prompt else 0.0
-    figure = Figure(figsize=(grid_w + prompt_w, max(grid_h, 2.4)), layout="constrained")
+    figure = mfigure.Figure(figsize=(grid_w + prompt_w, max(grid_h, 2.4)), layout="constrained")
 
     if params.show_prompt:
         grid_fig, prompt_fig = figure.subfigures(
@@ -556,7 +556,7 @@ def _draw(
                 ax.set_yticklabels(labels, fontsize=font, parse_math=False)
             else:
                 for axis in (ax.xaxis, ax.yaxis):
-                    axis.set_major_locator(MaxNLocator(nbins=5, integer=True, min_n_ticks=2))
+                    axis.set_major_locator(mticker.MaxNLocator(nbins=5, integer=True, min_n_ticks=2))
                 ax.tick_params(labelsize=7)
             if params.show_image and row.spans:
                 _mark_spans(ax, row, labels if font is not None else None, font)
@@ -663,7 +663,7 @@ def _mark_spans(ax: Any, row: _Row, labels: Optional[list[str]], font: Optional[
         ticks = [i for i in range(row.n_tokens) if i not in inside or i in middles]
         shown = [middles.get(i, labels[i]) for i in ticks]
     else:  # positions: keep those outside the image, add one label per run
-        every = MaxNLocator(nbins=5, integer=True, min_n_ticks=2).tick_values(0, row.n_tokens - 1)
+        every = mticker.MaxNLocator(nbins=5, integer=True, min_n_ticks=2).tick_values(0, row.n_tokens - 1)
         plain = [int(t) for t in every if 0 <= t < row.n_tokens and int(t) not in inside]
         ticks = sorted(set(plain) | set(middles))
         shown = [middles.get(t, str(t)) for t in ticks]

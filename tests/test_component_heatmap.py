@@ -20,7 +20,7 @@ from probescope.errors import PluginError
 from probescope.plugins import hookspecs
 from probescope.renderers import component_heatmap
 from probescope.renderers.component_heatmap import (
-    BLUE_WHITE_ORANGE,
+    blue_white_orange,
     ComponentHeatmapError,
     ComponentHeatmapParameters,
     ComponentHeatmapRenderer,
@@ -170,7 +170,7 @@ def test_component_labels():
 
 
 def test_colormap_runs_blue_white_orange():
-    low, mid, high = BLUE_WHITE_ORANGE(0.0), BLUE_WHITE_ORANGE(0.5), BLUE_WHITE_ORANGE(1.0)
+    low, mid, high = blue_white_orange()(0.0), blue_white_orange()(0.5), blue_white_orange()(1.0)
     assert min(mid[:3]) > 0.95  # white at the centre
     assert low[2] > low[0] + 0.3  # blue: more blue than red
     assert high[0] > high[2] + 0.5 and high[0] > 0.8  # orange: red high, blue low

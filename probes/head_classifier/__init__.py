@@ -33,16 +33,12 @@ from __future__ import annotations
 import warnings
 from typing import Annotated, Any, Literal, Optional, Sequence
 
-import numpy as np
-import torch
-import xarray as xr
 from pydantic import AfterValidator, Field, PositiveInt, field_validator, model_validator
 
 from probescope import (
     Block, ConfigPath, DatasetSchema, Parameters, Probe, ProbeRun, ProbescopeWarning, Problem, Variable, distinct,
-    hookimpl, layer_problems, progress, resolve_layers,
+    hookimpl, layer_problems, progress, resolve_layers, lazy_import,
 )
-from probescope.probes.head_classifier.relation_scores import PairSet, relation_scores
 from probescope.probes.head_classifier.relations import (
     Relation,
     RelationFileError,
@@ -52,11 +48,15 @@ from probescope.probes.head_classifier.relations import (
     tokenize_relation,
 )
 
+np = lazy_import("numpy")
+torch = lazy_import("torch")
+xr = lazy_import("xarray")
+
+
 #: Vocabularies at least this large get MAPS's Llama-3 defaults for k.
 LARGE_VOCABULARY = 100_000
 DEFAULT_THRESHOLD = 0.15
 DEFAULT_MIN_PAIRS = 30
-PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
 class RelationCoverageWarning(ProbescopeWarning):
@@ -210,10 +210,14 @@ class HeadClassifier(Probe):
         relation = np.full((len(layers), H, len(relations)), np.nan)
         suppression = np.full_like(relation, np.nan)
         if scored:
+            # Imported here: the scoring module reads torch at import (its default dtypes),
+            # and listing plugins must not pay for torch.
+            from probescope.probes.head_classifier.relation_scores import PairSet, relation_scores
+
             pairs = PairSet.of([(tokenized[i].source, tokenized[i].target, ks[i]) for i in scored])
             rel, sup = relation_scores(
                 layout, pairs, layers=layers, through_first_mlp=params.through_first_mlp,
-                dtype=PRECISIONS[params.precision],
+                dtype=getattr(torch, params.precision),
                 progress=lambda xs: progress(xs, desc=f"{loaded.name}: head classifier layers"))
             relation[..., scored] = rel
             suppression[..., scored] = sup

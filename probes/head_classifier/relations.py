@@ -32,9 +32,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import torch
+from probescope import ProbescopeError, lazy_import
 
-from probescope import ProbescopeError
+torch = lazy_import("torch")
+
 
 #: The categories of the shipped relations, in the order datasets and figures list them.
 BUILTIN_CATEGORIES = ("algorithmic", "knowledge", "linguistic", "translation")

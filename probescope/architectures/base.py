@@ -12,9 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
-import torch
-
 from probescope.errors import SiteError, UnsupportedArchitectureError
+from probescope.lazy_imports import lazy_import
+
+torch = lazy_import("torch")
+
 
 EMBED = "embed"
 RESID = "resid"

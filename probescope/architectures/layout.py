@@ -27,8 +27,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from probescope.architectures.base import (
     ArchitectureAdapter,
     AttentionShape,
@@ -36,6 +34,9 @@ from probescope.architectures.base import (
     get_submodule,
 )
 from probescope.errors import SiteError
+from probescope.lazy_imports import lazy_import
+
+torch = lazy_import("torch")
 
 
 def _is_conv1d(module: torch.nn.Module) -> bool:

@@ -23,12 +23,13 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from probescope.architectures.base import ArchitectureAdapter
 from probescope.architectures.layout import ModelLayout
 from probescope.checkpoint import Checkpoint
 from probescope.errors import ModelLoadError
+from probescope.lazy_imports import lazy_import
+
+torch = lazy_import("torch")
 
 
 def skeleton(config: Any, trust_remote_code: bool = False) -> torch.nn.Module:
@@ -171,9 +172,9 @@ def checkpoint_of(entry: Any) -> Checkpoint:
 def streamed_layout(entry: Any, config: Any, adapter: ArchitectureAdapter) -> StreamedLayout:
     """A model entry's weights, streamed in the entry's dtype (``auto``: the checkpoint's)
     onto its device."""
-    from probescope.models import DTYPES
+    from probescope.models import torch_dtype
 
-    return StreamedLayout(checkpoint_of(entry), config, adapter, dtype=DTYPES.get(entry.dtype),
+    return StreamedLayout(checkpoint_of(entry), config, adapter, dtype=torch_dtype(entry.dtype),
                           device=entry.device, trust_remote_code=entry.trust_remote_code)
 
 

@@ -1,0 +1,49 @@
+"""Heavy libraries imported on first use, so that help, version and the plugin listing never
+pay for them.
+
+torch, xarray and matplotlib take seconds to import, and every probe and renderer module
+needs one of them. Listing plugins imports every plugin module, yet only reads names,
+descriptions and parameter schemas. ``torch = lazy_import("torch")`` at module level reads
+like the import it replaces; the library is imported the first time an attribute is read
+(``torch.float32``), and from then on reads go straight to the library's own attributes.
+
+Third-party plugins use it the same way (``from probescope import lazy_import``). A name
+read at import time (a default argument ``dtype=torch.float32``, a class deriving from a
+library class) imports the library there and then: keep such reads inside functions.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+
+class LazyModule(ModuleType):
+    """Stands for module ``name`` until an attribute is read, then imports it."""
+
+    def __getattr__(self, attr: str):
+        # Called only for attributes not yet in this object's __dict__: the first read
+        # imports the module and copies its namespace here, so later reads are plain
+        # attribute hits. Names the module gains afterwards (submodules imported later)
+        # still arrive through this fallback.
+        if attr.startswith("__") and attr.endswith("__") and attr not in ("__version__", "__file__", "__path__"):
+            raise AttributeError(attr)
+        module = importlib.import_module(self.__name__)
+        for key, value in vars(module).items():
+            self.__dict__.setdefault(key, value)
+        return getattr(module, attr)
+
+    def __dir__(self):
+        return dir(importlib.import_module(self.__name__))
+
+    def __repr__(self) -> str:
+        return f"<lazy module {self.__name__!r}>"
+
+
+def lazy_import(name: str) -> ModuleType:
+    """Module ``name``, imported when one of its attributes is first read.
+
+    ``import matplotlib.colors as mcolors`` becomes ``mcolors = lazy_import("matplotlib.colors")``.
+    A misspelt name fails at the first read with the usual ``ModuleNotFoundError``.
+    """
+    return LazyModule(name)
