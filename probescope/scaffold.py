@@ -42,12 +42,14 @@ with your own; the shape of the code stays the same."""
 
 from __future__ import annotations
 
-import numpy as np
-import xarray as xr
 from pydantic import Field
 
 import probescope
-from probescope import Parameters, Probe, Read, resid
+from probescope import Parameters, Probe, Read, lazy_import, resid
+
+# Imported on first use, so `probescope plugins` lists this plugin without loading them.
+np = lazy_import("numpy")
+xr = lazy_import("xarray")
 
 
 class {cls}Parameters(Parameters):
@@ -139,12 +141,14 @@ _RENDERER = '''"""The {name} renderer: one line per model of a dataset's variabl
 
 from __future__ import annotations
 
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from pydantic import Field
 
 import probescope
-from probescope import Parameters, Renderer
+from probescope import Parameters, Renderer, lazy_import
+
+# Imported on first use, so `probescope plugins` lists this plugin without loading matplotlib.
+mfigure = lazy_import("matplotlib.figure")
+mticker = lazy_import("matplotlib.ticker")
 
 
 class {cls}Parameters(Parameters):
@@ -160,7 +164,7 @@ class {cls}(Renderer):
     Parameters = {cls}Parameters
 
     def render(self, datasets, params):
-        figure = Figure(figsize=(5, 3.2), layout="constrained")
+        figure = mfigure.Figure(figsize=(5, 3.2), layout="constrained")
         ax = figure.add_subplot()
         for index, ds in enumerate(datasets):
             variable = params.variable or next(iter(ds.data_vars))
@@ -170,7 +174,7 @@ class {cls}(Renderer):
                     label=str(ds.attrs.get("model", f"model {{index + 1}}")))
             ax.set_ylabel(values.attrs.get("long_name", variable))
         ax.set_xlabel("layer")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
+        ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))  # layers are whole numbers
         ax.legend(frameon=False)
         if params.title:
             figure.suptitle(params.title)
