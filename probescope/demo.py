@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from probescope.cache import cache_dir
 from probescope.errors import ProbescopeError
 
 DEMO_CORPUS = """\
@@ -115,15 +116,6 @@ def save_model(model: Any, tokenizer: Any, folder: Path) -> Path:
 
 # --------------------------------------------------------------------------------------
 # The trained model: found in the installed package, converted once, cached
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept: ``$PROBESCOPE_CACHE``, else
-    ``$XDG_CACHE_HOME/probescope``, else ``~/.cache/probescope``."""
-    if os.environ.get("PROBESCOPE_CACHE"):
-        return Path(os.environ["PROBESCOPE_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "probescope"
 
 
 def find_smollm2_gguf() -> Path | None:

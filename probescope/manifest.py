@@ -43,24 +43,18 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def weight_files_hash(folder: Path) -> dict[str, str]:
     """``{file name: sha256}`` of a local model folder's weight files (safetensors, or
-    pickled ones when that is all there is). Reads every byte once: for a model of many
-    gigabytes this takes a while, and is what makes a folder's results traceable."""
+    pickled ones when that is all there is). Reads every byte the first time, which for a
+    model of many gigabytes takes a while; later runs reuse the hash of each file whose
+    size, modification time and inode are unchanged (:mod:`probescope.cache`)."""
+    from probescope.cache import cached_sha256
     from probescope.formats import PICKLED_WEIGHTS, SAFE_WEIGHTS
 
     files = sorted(p for pattern in SAFE_WEIGHTS for p in folder.glob(pattern))
     if not files:
         files = sorted(p for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
-    return {p.name: _sha256_file(p) for p in files}
+    return {p.name: digest for p, digest in cached_sha256(files).items()}
 
 
 def parameters_hash(model: Any) -> str:
