@@ -1,7 +1,8 @@
 """The example plugin packages under examples/, installed as a user would (pip, offline,
-no dependencies) and run from a TOML config beside the built-ins; their values are
-checked against plain PyTorch (eager attention, ``output_attentions=True``, one prompt at
-a time, no padding) and their figures are drawn."""
+no dependencies) and run together from one TOML config beside the built-ins; their values
+are checked against plain PyTorch, one prompt at a time, no padding (eager attention with
+``output_attentions=True``; forward hooks on the blocks, the model's own final norm and
+``lm_head``) and their figures are drawn."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 # a repeated stretch, so induction has something to find, in one prompt of the batch
 RUN_PROMPTS = [*PROMPTS, "the cat sat on the mat and the cat sat on the"]
+# the logit lens also gets a one-token prompt: no next token anywhere, so no target
+LENS_PROMPTS = [*RUN_PROMPTS, "The"]
+LENS_LAYERS = ["embed", 0, -1]  # resolved: -1 (the embedding output), 0, 2
+TOP_K = 4
+FINAL_NORM = {"gpt2": "transformer.ln_f", "llama": "model.norm"}
+BLOCKS = {"gpt2": "transformer.h", "llama": "model.layers"}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +75,59 @@ def reference_scores(folder: Path, prompts: list[str]) -> dict[str, np.ndarray]:
     return {score: sums[score] / counts[score] for score in counts}
 
 
+def reference_lens(folder: Path, family: str, prompts: list[str]) -> list[dict[str, np.ndarray]]:
+    """Per prompt, the logit lens at the embedding and blocks 0 and 2 from the embedding
+    output (``output_hidden_states[0]``), forward hooks on the blocks, the model's final
+    norm and ``lm_head``: top-k ids and probabilities ``(layer, token, k)``, the next
+    token's rank (1 = most likely) and probability ``(layer, token - 1)``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    norm, blocks = model.get_submodule(FINAL_NORM[family]), model.get_submodule(BLOCKS[family])
+    outs = {}
+    hooks = [blocks[layer].register_forward_hook(
+        lambda m, i, o, layer=layer: outs.__setitem__(layer, o[0] if isinstance(o, tuple) else o)) for layer in (0, 2)]
+    result = []
+    try:
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            with torch.no_grad():
+                embedded = model(ids, output_hidden_states=True).hidden_states[0]
+                logits = torch.stack([model.lm_head(norm(h))[0] for h in (embedded, outs[0], outs[2])]).double()
+            probs = logits.softmax(-1)  # (layer, token, vocab)
+            top = probs.topk(TOP_K, dim=-1)
+            target = ids[0, 1:]
+            target_logit = logits[:, :-1].gather(-1, target.expand(3, -1).unsqueeze(-1))
+            result.append({"top_id": top.indices.numpy(), "top_prob": top.values.numpy(),
+                           "target_rank": ((logits[:, :-1] > target_logit).sum(-1) + 1).numpy(),
+                           "target_prob": probs[:, :-1].gather(-1, target.expand(3, -1).unsqueeze(-1))[..., 0].numpy(),
+                           "ids": ids[0].numpy()})
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return result
+
+
+def check_lens(ds, expected: list[dict[str, np.ndarray]]) -> None:
+    assert list(ds.layer.values) == [-1, 0, 2] and list(ds.layer_label.values) == ["embed", "0", "2"]
+    assert [len(want["ids"]) for want in expected][-1] == 1  # the one-token prompt is one token
+    for p, want in enumerate(expected):
+        n = len(want["ids"])
+        one = ds.isel(prompt=p)
+        assert int(one.n_tokens) == n
+        np.testing.assert_array_equal(one.token_id.values[:n], want["ids"])
+        np.testing.assert_array_equal(one.target_id.values[:n - 1], want["ids"][1:])
+        np.testing.assert_array_equal(one.top_id.values[:, :n], want["top_id"])
+        np.testing.assert_allclose(one.top_prob.values[:, :n], want["top_prob"], rtol=1e-4, atol=1e-7)
+        np.testing.assert_array_equal(one.target_rank.values[:, :n - 1], want["target_rank"])
+        np.testing.assert_allclose(one.target_prob.values[:, :n - 1], want["target_prob"], rtol=1e-4, atol=1e-9)
+        # the last token has no next token; padding gets nothing at all
+        assert np.isnan(one.target_rank.values[:, n - 1:]).all() and np.isnan(one.target_prob.values[:, n - 1:]).all()
+        assert (one.top_id.values[:, n:] == -1).all() and np.isnan(one.top_prob.values[:, n:]).all()
+        assert (one.top_text.values[:, n:] == "").all() and (one.top_text.values[:, :n] != "").all()
+
+
 def test_examples_run_from_toml_beside_the_built_ins(installed, model_dirs, tmp_path):
     config = tmp_path / "probes.toml"
     config.write_text(f"""
@@ -80,11 +140,16 @@ name = "llama"
 path = "{model_dirs['llama']}"
 
 [inputs]
-prompts = {toml_list(RUN_PROMPTS)}
+prompts = {toml_list(LENS_PROMPTS)}
 batch_size = 2
 
 [[probes]]
 use = "attention_scores"
+
+[[probes]]
+use = "logit_lens"
+layers = {toml_list(LENS_LAYERS)}
+top_k = {TOP_K}
 
 [[probes]]
 use = "token_similarity"
@@ -93,6 +158,11 @@ layers = [0]
 [[renderers]]
 use = "attention_map"
 output = "attention.png"
+
+[[renderers]]
+use = "logit_lens_map"
+output = "lens.png"
+prompt = 2
 
 [[renderers]]
 use = "similarity_grid"
@@ -107,9 +177,66 @@ dir = "out"
     results = probescope.run(config)
     for model in ("gpt2", "llama"):
         ds = results[model]["attention_scores"]
-        expected = reference_scores(model_dirs[model], RUN_PROMPTS)
+        check_lens(results[model]["logit_lens"], reference_lens(model_dirs[model], model, LENS_PROMPTS))
+        expected = reference_scores(model_dirs[model], LENS_PROMPTS)
         for score, values in expected.items():
             assert np.allclose(ds[score].values, values, rtol=1e-4, atol=1e-6), (model, score)
         assert np.isfinite(ds.induction.values).all() and (ds.induction.values > 0).all()
-    for figure in ("attention.png", "similarity.png"):
+    for figure in ("attention.png", "lens.png", "similarity.png"):
         assert (tmp_path / "out" / figure).stat().st_size > 10_000
+    check_lens_figure([results[model]["logit_lens"] for model in ("gpt2", "llama")])
+
+    # drawing a prompt the run lacks, or a layer the probe does not read, is caught before any model loads
+    bad = tmp_path / "bad.toml"
+    bad.write_text(config.read_text().replace("prompt = 2", 'prompt = 9\nlayers = [1]'))
+    assert main(["check", str(bad)]) == 2
+
+
+def check_lens_figure(datasets) -> None:
+    """One panel per model: a row per layer (embedding at the bottom), a column per token of
+    the prompt, each cell naming the layer's most likely token; the targets label the top."""
+    from probescope_logit_lens.figure import _label as label  # trimmed, escaped, cut
+
+    figure = probescope.render(datasets, "logit_lens_map", prompt=0)
+    panels = [ax for ax in figure.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 2
+    for ax, ds in zip(panels, datasets):
+        one = ds.isel(prompt=0)
+        n = int(one.n_tokens)
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["embed", "0", "2"]
+        assert len(ax.get_xticklabels()) == n and len(ax.texts) == 3 * n
+        cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t for t in ax.texts}
+        top = one.top_text.isel(rank=0).values
+        hits = (one.top_id.isel(rank=0) == one.target_id).values
+        for (row, col), text in cells.items():
+            assert text.get_text() == label(top[row, col])
+            assert (text.get_fontweight() == "bold") == bool(hits[row, col])
+    figure = probescope.render(datasets, "logit_lens_map", prompt=3, value="target_prob", annotate=False)
+    assert all(not ax.texts for ax in figure.axes)
+
+
+def test_attention_layers_the_model_lacks_are_errors_before_loading(installed, model_dirs, tmp_path, capsys):
+    config = tmp_path / "probes.toml"
+    text = f"""
+[[models]]
+name = "gpt2"
+path = "{model_dirs['gpt2']}"
+
+[inputs]
+prompts = ["the cat sat on the mat"]
+
+[[probes]]
+use = "attention_scores"
+layers = LAYERS
+"""
+    from probescope.cli import main
+
+    config.write_text(text.replace("LAYERS", '[0, 3, -4, "last"]'))
+    assert main(["check", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "probes[0].layers[1]" in err and "probes[0].layers[2]" in err and "layers[0]" not in err
+    assert "the model has 3 layers" in err
+
+    config.write_text(text.replace("LAYERS", '["last", 0]'))
+    ds = probescope.run(config, write=False)["gpt2"]["attention_scores"]
+    assert list(ds.layer.values) == [0, 2]

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import xarray as xr
 from matplotlib.figure import Figure
-from pydantic import Field
+from pydantic import Field, field_validator
 
 import probescope
-from probescope import Parameters, Probe, Read, Renderer, attention
+from probescope import Block, Parameters, Probe, Read, Renderer, attention, distinct, layer_problems, resolve_layers
 
 SCORES = ("entropy", "previous_token", "induction")
 _LONG_NAMES = {"entropy": "attention entropy (nats)", "previous_token": "previous-token score",
@@ -29,14 +29,18 @@ _LONG_NAMES = {"entropy": "attention entropy (nats)", "previous_token": "previou
 
 
 class ScoreParameters(Parameters):
-    layers: list[int] | None = Field(default=None, description="block indices (negative count from the end); "
-                                                                "default every block")
+    layers: list[Block] | None = Field(default=None, description='block indices (negative count from the end) '
+                                                                  'or "last"; default every block')
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct(cls, layers):
+        return distinct(layers)
 
 
 def _layers(params: ScoreParameters, num_layers: int) -> list[int]:
-    if params.layers is None:
-        return list(range(num_layers))
-    return sorted({layer % num_layers for layer in params.layers})
+    """The blocks read, in depth order."""
+    return sorted(resolve_layers(params.layers, num_layers))
 
 
 def head_sums(probs: torch.Tensor, batch) -> torch.Tensor:
@@ -76,6 +80,10 @@ class AttentionScores(Probe):
     version = "0.1.0"
     description = "attention entropy, previous-token and induction scores per layer and head"
     Parameters = ScoreParameters
+
+    def check(self, params, model):
+        """Every layer asked for must be one of the model's blocks: found before weights load."""
+        return layer_problems(params.layers, model.num_layers)
 
     def reads(self, params, model):
         return [Read(f"attention_{layer}", attention(layer), head_sums)
