@@ -195,12 +195,20 @@ def inspect(entry: "ModelEntry", registry: Any) -> ModelInfo:
     )
 
 
-def _auto_class(info: ModelInfo) -> Any:
-    """The transformers auto class that builds the model: image-text-to-text for a
+def auto_class(vision: bool) -> Any:
+    """The transformers auto class that builds a model: image-text-to-text for a
     vision-language model, causal LM otherwise."""
     import transformers
 
-    return transformers.AutoModelForImageTextToText if info.vision else transformers.AutoModelForCausalLM
+    return transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
+
+
+def skeleton(config: Any, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model of ``config`` on the meta device (``*ForCausalLM``, or the
+    image-text-to-text model of a vision-language config): every module and parameter
+    shape, no memory, no weights."""
+    with torch.device("meta"):
+        return auto_class(vision_language(config) is not None).from_config(config, trust_remote_code=trust_remote_code)
 
 
 def find_blocks(model: torch.nn.Module, adapter: ArchitectureAdapter) -> str:
@@ -224,12 +232,11 @@ def check_layout(entry: "ModelEntry", info: ModelInfo, registry: Any) -> None:
     is caught before any weights load."""
     config = info.vision.config if info.vision else info.config
     try:
-        with torch.device("meta"):
-            skeleton = _auto_class(info).from_config(config, trust_remote_code=entry.trust_remote_code)
+        model = skeleton(config, entry.trust_remote_code)
     except Exception:  # a model class that cannot be built this way is checked at load time
         return
     try:
-        find_blocks(skeleton, info.adapter)
+        find_blocks(model, info.adapter)
     except UnsupportedArchitectureError as exc:
         key = "blocks" if entry.blocks is not None and entry.architecture is None else "architecture"
         model_type = getattr(info.config, "model_type", None)
@@ -308,8 +315,6 @@ def images_only_processor(config: Any) -> type:
 def load_weights(entry: "ModelEntry", vision: bool = False) -> torch.nn.Module:
     """The model of an entry with its weights, on its device, in eval mode: safetensors
     only unless the entry allows pickles, remote code only when it allows it."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
     source = _source(entry)
     kwargs = _hub_kwargs(entry)
     kwargs["use_safetensors"] = entry.use_safetensors
@@ -320,7 +325,7 @@ def load_weights(entry: "ModelEntry", vision: bool = False) -> torch.nn.Module:
 
     try:
         with quiet_libraries():  # probescope's progress only, unless asked for
-            model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(source, **kwargs)
+            model = auto_class(vision).from_pretrained(source, **kwargs)
     except Exception as exc:
         hint = ""
         if entry.use_safetensors and "safetensors" in str(exc).lower():

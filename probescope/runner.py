@@ -277,13 +277,12 @@ def open_model(plan: Plan, prepared: Prepared,
                tasks: Sequence[ProbeTask] | None = None) -> models_mod.LoadedModel | StreamedModel:
     """The model for a run: given in memory; streamed from its safetensors files when every
     probe (of ``tasks``, default all) reads only weights (the model is never built); else
-    loaded whole. A vision-language model always loads whole: its checkpoint names the text
-    decoder's tensors under the multimodal model's prefixes, which streaming does not map."""
+    loaded whole (a vision-language model streams its text decoder's weights too)."""
     if prepared.loaded is not None:
         return prepared.loaded
     entry = prepared.entry
     tasks = plan.probes_for(prepared.info.name) if tasks is None else tasks
-    if tasks and prepared.info.vision is None and _weights_only(tasks, prepared.info):
+    if tasks and _weights_only(tasks, prepared.info):
         try:
             return StreamedModel.of(entry, prepared.info, prepared.tokenizer)
         except ModelLoadError:

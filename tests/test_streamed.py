@@ -16,13 +16,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import vlm_models
 from architecture_cases import CASES, LAYERS, VOCAB, WIDTH, build
 from probescope.architectures.base import COMPONENTS
 from probescope.architectures.layout import ModelLayout
 from probescope.architectures.streamed import StreamedLayout
 from probescope.checkpoint import INDEX, Checkpoint
 from probescope.errors import ModelLoadError, SiteError
-from probescope.models import find_adapter
+from probescope.models import find_adapter, find_blocks
 from probescope.plugins.manager import load_registry
 
 CASE_IDS = [case.id for case in CASES]
@@ -62,20 +63,18 @@ def same(a, b) -> None:
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("case_id", CASE_IDS)
-def test_every_method_equals_the_loaded_layout(case_id, saved):
-    folder = saved(case_id)
-    assert (folder / INDEX).is_file() and len(list(folder.glob("*.safetensors"))) > 2  # really sharded
-    loaded, streamed = layouts(case_id, folder)
-    assert streamed.num_layers == loaded.num_layers == LAYERS
+def assert_same_layout(streamed: StreamedLayout, loaded: ModelLayout, layers: int, width: int, vocab: int) -> None:
+    """Every method of the streamed layout gives exactly what the loaded one gives."""
+    assert streamed.blocks == loaded.blocks
+    assert streamed.num_layers == loaded.num_layers == layers
     assert streamed.parallel == loaded.parallel
     assert streamed.components == loaded.components
     assert streamed.attention_shape == loaded.attention_shape
     assert all(p.device.type == "meta" for p in streamed.model.parameters())  # never built
     torch.manual_seed(0)
-    x = torch.randn(3, WIDTH)
+    x = torch.randn(3, width)
     with torch.no_grad():
-        for layer in range(LAYERS):
+        for layer in range(layers):
             for name in COMPONENTS:
                 same(streamed.weight(layer, name), loaded.weight(layer, name))
                 same(streamed.bias(layer, name), loaded.bias(layer, name))
@@ -92,7 +91,7 @@ def test_every_method_equals_the_loaded_layout(case_id, saved):
         same(emb.weight, want_emb.weight)
         same(emb.project, want_emb.project)
         assert emb.scale == want_emb.scale
-        ids = torch.tensor([[0, 5, VOCAB - 1]])
+        ids = torch.tensor([[0, 5, vocab - 1]])
         same(emb(ids), want_emb(ids))
 
         unemb, want_unemb = streamed.unembedding(), loaded.unembedding()
@@ -107,15 +106,66 @@ def test_every_method_equals_the_loaded_layout(case_id, saved):
         if norm is not None:
             same(norm(x), want_norm(x))
     with pytest.raises(SiteError, match="out of range"):
-        streamed.heads(LAYERS)
+        streamed.heads(layers)
+
+
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_every_method_equals_the_loaded_layout(case_id, saved):
+    folder = saved(case_id)
+    assert (folder / INDEX).is_file() and len(list(folder.glob("*.safetensors"))) > 2  # really sharded
+    loaded, streamed = layouts(case_id, folder)
+    assert_same_layout(streamed, loaded, LAYERS, WIDTH, VOCAB)
+
+
+def recorded_reads(streamed: StreamedLayout) -> list[str]:
+    """The stored names the layout's checkpoint reads from now on, in order."""
+    reads: list[str] = []
+    read = streamed.checkpoint.read
+    streamed.checkpoint.read = lambda key: reads.append(key) or read(key)
+    return reads
+
+
+#: Where the vision tower and projector of each tiny vision-language family are stored.
+VISION_PARTS = ("vision_tower.", "vision_model.", "visual.", "multi_modal_projector.", "connector.")
+
+
+@pytest.mark.parametrize("names", ["saved", "current"])
+@pytest.mark.parametrize("family", list(vlm_models.BUILDERS))
+def test_vision_language_checkpoint_streams_its_text_decoder(family, names, tmp_path):
+    """A multimodal checkpoint, with the names ``save_pretrained`` writes (each family's
+    own: ``language_model.model.layers.N``, ``model.text_model.layers.N``, Qwen2-VL's
+    ``model.layers.N``) or with the model's current ones (``model.language_model.layers.N``),
+    gives the text decoder's weights, equal to the loaded model's and to its raw tensors;
+    the vision tower is never read."""
+    vlm = vlm_models.BUILDERS[family](seed=3)
+    model = vlm.model
+    if names == "saved":
+        model.save_pretrained(tmp_path, max_shard_size="20KB")
+        assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    else:
+        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, tmp_path / "model.safetensors")
+    text = model.config.get_text_config()
+    adapter = find_adapter(text, registry())
+    streamed = StreamedLayout(Checkpoint.local(tmp_path), model.config, adapter)
+    reads = recorded_reads(streamed)
+    loaded = ModelLayout(model, adapter, find_blocks(model, adapter))
+    assert_same_layout(streamed, loaded, vlm_models.LAYERS, vlm_models.WIDTH, text.vocab_size)
+    decoder = model.get_decoder()
+    for layer in range(vlm_models.LAYERS):  # the decoder's raw tensors, not through any layout
+        attention = decoder.layers[layer].self_attn
+        same(streamed.weight(layer, "attn.q"), attention.q_proj.weight)
+        same(streamed.weight(layer, "attn.o"), attention.o_proj.weight)
+        same(streamed.weight(layer, "mlp.down"), decoder.layers[layer].mlp.down_proj.weight)
+    same(streamed.embedding().weight, decoder.embed_tokens.weight)
+    same(streamed.unembedding().weight, model.get_output_embeddings().weight)
+    assert reads and not [key for key in reads if any(part in key for part in VISION_PARTS)]
 
 
 @pytest.mark.parametrize("case_id", ["gpt2", "gpt_neox-parallel", "phi3"])
 def test_one_block_is_held_at_a_time(case_id, saved):
     _, streamed = layouts(case_id, saved(case_id))
-    reads = []
-    read = streamed.checkpoint.read
-    streamed.checkpoint.read = lambda key: reads.append(key) or read(key)
+    reads = recorded_reads(streamed)
     streamed.heads(0)
     first = len(reads)
     streamed.heads(0)  # held: nothing read again

@@ -400,15 +400,28 @@ def test_the_traffic_light_example_draws_its_figure(tmp_path):
     assert module.main(tmp_path).is_file()
 
 
-def test_weights_only_probes_run_on_a_vision_language_folder(vlms, tmp_path):
-    """A run whose probes read only weights loads a vision-language folder whole (streaming
-    maps text-model tensor names only) and reads the text decoder's weights."""
-    vlm = vlms["llava"]
-    vlm.save(tmp_path / "models" / "llava")
-    (tmp_path / "probes.toml").write_text("""
+@pytest.mark.parametrize("name", list(vlm_models.BUILDERS))
+def test_weights_only_probes_stream_a_vision_language_folder(name, vlms, tmp_path, monkeypatch):
+    """A run whose probes read only weights streams a vision-language folder's text
+    decoder from its safetensors shards (the model is never built) and gives the
+    decoder's raw weights' norms."""
+    from probescope import models as models_mod
+    from probescope.architectures.streamed import StreamedModel
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a weights-only run must not load the model")
+
+    streamed = []
+    of = StreamedModel.of
+    monkeypatch.setattr(models_mod, "load_weights", no_load)
+    monkeypatch.setattr(StreamedModel, "of", classmethod(lambda cls, *a: streamed.append(of(*a)) or streamed[-1]))
+    vlm = vlms[name]
+    vlm.model.save_pretrained(tmp_path / "models" / name, max_shard_size="20KB")
+    vlm.processor.save_pretrained(tmp_path / "models" / name)
+    (tmp_path / "probes.toml").write_text(f"""
 [[models]]
-name = "llava"
-path = "models/llava"
+name = "{name}"
+path = "models/{name}"
 
 [[probes]]
 use = "component_norm"
@@ -418,10 +431,17 @@ statistic = "weight_norm"
 dir = "out"
 """)
     assert cli.main(["run", str(tmp_path / "probes.toml")]) == 0
-    ds = xr.open_dataset(tmp_path / "out" / "llava" / "component_norm.nc").load()
+    [model] = streamed
+    assert all(p.device.type == "meta" for p in model.layout.model.parameters())
+    ds = xr.open_dataset(tmp_path / "out" / name / "component_norm.nc").load()
+    assert ds.attrs["dtype"] == "float32"
     layers = vlm.model.get_decoder().layers
+    parts = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
+             "attn.o": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",
+             "mlp.down": "mlp.down_proj"}
+    assert sorted(ds.component.values) == sorted(parts)
     for layer in range(len(layers)):
-        for component, path in {"attn.q": "self_attn.q_proj", "mlp.down": "mlp.down_proj"}.items():
-            weight = layers[layer].get_submodule(path).weight.detach().float()
+        for component, path in parts.items():
+            weight = layers[layer].get_submodule(path).weight.detach().double()
             assert ds.value.sel(layer=layer, component=component).item() == pytest.approx(
-                torch.linalg.matrix_norm(weight).item(), rel=1e-5)
+                torch.linalg.matrix_norm(weight).item(), rel=1e-6)

@@ -15,6 +15,12 @@ while holding only
 Modules that have to run (block 0's MLP for ``mlp_output``, the final norm) are
 materialised from the skeleton with the checkpoint's tensors, the attention left out.
 Tensors keep the checkpoint's dtype unless a dtype is given.
+
+A vision-language checkpoint is read the same way: the skeleton is the whole multimodal
+model, whose text decoder sits under a prefix (``model.language_model``), and its
+checkpoint's names (``language_model.model.layers.N...``, ``model.text_model...``,
+Qwen2-VL's bare ``model.layers...``) are matched to it by transformers' own renamings;
+the vision tower's tensors are never read.
 """
 
 from __future__ import annotations
@@ -30,15 +36,6 @@ from probescope.errors import ModelLoadError
 from probescope.lazy_imports import lazy_import
 
 torch = lazy_import("torch")
-
-
-def skeleton(config: Any, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The ``*ForCausalLM`` model of ``config`` on the meta device: every module and
-    parameter shape, no memory, no weights."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def checkpoint_names(model: torch.nn.Module, keys: list[str]) -> dict[str, str]:
@@ -91,8 +88,9 @@ class StreamedLayout(ModelLayout):
     """A :class:`ModelLayout` whose values are read from a :class:`Checkpoint`.
 
     :param checkpoint: the checkpoint's tensors.
-    :param config: the model's transformers config.
-    :param adapter: the model family's adapter.
+    :param config: the model's transformers config; a vision-language model's whole
+        config (with its ``vision_config``), whose text decoder the layout reads.
+    :param adapter: the model family's adapter (of the text decoder).
     :param dtype: convert every tensor to this dtype; None keeps the checkpoint's.
     :param device: where tensors go once read.
     """
@@ -100,8 +98,10 @@ class StreamedLayout(ModelLayout):
     def __init__(self, checkpoint: Checkpoint, config: Any, adapter: ArchitectureAdapter, *,
                  dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                  trust_remote_code: bool = False):
+        from probescope.models import find_blocks, skeleton
+
         model = skeleton(config, trust_remote_code)
-        super().__init__(model, adapter, adapter.blocks(model))
+        super().__init__(model, adapter, find_blocks(model, adapter))
         self.checkpoint = checkpoint
         self.dtype = dtype
         self.device = torch.device(device)
@@ -192,7 +192,7 @@ class StreamedModel:
     def of(cls, entry: Any, info: Any, tokenizer: Any) -> "StreamedModel":
         """Stream a model entry that :func:`~probescope.models.inspect` accepted; with
         dtype ``auto`` the info records the checkpoint's dtype."""
-        layout = streamed_layout(entry, info.config, info.adapter)
+        layout = streamed_layout(entry, info.vision.config if info.vision else info.config, info.adapter)
         if entry.dtype == "auto":
             info.dtype = str(layout.stored_dtype()).removeprefix("torch.")
         return cls(info, tokenizer, layout)
