@@ -240,3 +240,15 @@ layers = LAYERS
     config.write_text(text.replace("LAYERS", '["last", 0]'))
     ds = probescope.run(config, write=False)["gpt2"]["attention_scores"]
     assert list(ds.layer.values) == [0, 2]
+
+
+@pytest.mark.parametrize("name", ["attention_scores", "logit_lens", "logit_lens_map"])
+def test_listing_the_examples_loads_no_heavy_library(installed, name):
+    """Their modules import numpy, torch, xarray and matplotlib on first use
+    (``probescope.lazy_import``), so ``probescope plugins`` stays fast once they are installed."""
+    from test_startup import loaded_after
+
+    result = loaded_after(f"import sys\nsys.path.insert(0, {str(installed)!r})\n"
+                          f"from probescope.cli import main\nmain(['plugins', {name!r}])")
+    assert f" {name} 0.1.0  (from probescope-" in result["out"]
+    assert result["heavy"] == []

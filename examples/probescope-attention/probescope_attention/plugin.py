@@ -14,14 +14,18 @@ Uses only names exported by ``probescope``.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-import xarray as xr
-from matplotlib.figure import Figure
 from pydantic import Field, field_validator
 
 import probescope
-from probescope import Block, Parameters, Probe, Read, Renderer, attention, distinct, layer_problems, resolve_layers
+from probescope import (
+    Block, Parameters, Probe, Read, Renderer, attention, distinct, layer_problems, lazy_import, resolve_layers,
+)
+
+# Imported on first use, so that listing plugins (`probescope plugins`) stays fast.
+np = lazy_import("numpy")
+torch = lazy_import("torch")
+xr = lazy_import("xarray")
+mfigure = lazy_import("matplotlib.figure")
 
 SCORES = ("entropy", "previous_token", "induction")
 _LONG_NAMES = {"entropy": "attention entropy (nats)", "previous_token": "previous-token score",
@@ -117,7 +121,7 @@ class AttentionMap(Renderer):
     def render(self, datasets, params):
         scores = [s for s in params.scores if s in SCORES]
         rows, cols = len(datasets), len(scores)
-        figure = Figure(figsize=(2.8 * cols + 0.6, 2.4 * rows + 0.4), layout="constrained")
+        figure = mfigure.Figure(figsize=(2.8 * cols + 0.6, 2.4 * rows + 0.4), layout="constrained")
         axes = figure.subplots(rows, cols, squeeze=False)
         for c, score in enumerate(scores):
             # One scale per score, shared by every model: probabilities on [0, 1], entropy

@@ -17,19 +17,21 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-import matplotlib
-import numpy as np
-from matplotlib.colors import LogNorm, Normalize
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
 from pydantic import Field, field_validator
 
 from probescope import (
     Layer, Problem, Renderer, RendererError, RendererParameters, add_title, coord_text, distinct, index_values,
-    known_colormap, layer_label, resolve_layer,
+    known_colormap, layer_label, lazy_import, resolve_layer,
 )
 
 from probescope_logit_lens.lens import SCHEMA
+
+# Imported on first use, so that listing plugins (`probescope plugins`) stays fast.
+matplotlib = lazy_import("matplotlib")
+mcolors = lazy_import("matplotlib.colors")
+mfigure = lazy_import("matplotlib.figure")
+mticker = lazy_import("matplotlib.ticker")
+np = lazy_import("numpy")
 
 _LABEL_CHARS = 8  # a cell's token is cut to this many characters
 _CELL_WIDTH = 0.62  # inches
@@ -140,9 +142,9 @@ class LogitLensMap(Renderer):
 
 def _norm(panels, params):
     if params.value == "target_prob":
-        return Normalize(0.0, 1.0)
+        return mcolors.Normalize(0.0, 1.0)
     top = max([p["vocab"] or np.nanmax(p["values"], initial=10.0) for p in panels])
-    return LogNorm(1.0, max(float(top), 10.0))
+    return mcolors.LogNorm(1.0, max(float(top), 10.0))
 
 
 def _draw(panels, params):
@@ -153,7 +155,7 @@ def _draw(panels, params):
     norm = _norm(panels, params)
     width = max(len(p["tokens"]) for p in panels) * _CELL_WIDTH + 2.4
     heights = [len(p["layers"]) * _CELL_HEIGHT + 1.3 for p in panels]
-    figure = Figure(figsize=(min(width, 30.0), sum(heights) + 0.4), layout="constrained")
+    figure = mfigure.Figure(figsize=(min(width, 30.0), sum(heights) + 0.4), layout="constrained")
     axes = figure.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
     for ax, panel in zip(axes, panels):
         image = ax.imshow(np.ma.masked_invalid(panel["values"]), origin="lower", aspect="auto", cmap=cmap,
@@ -181,7 +183,7 @@ def _draw(panels, params):
     colorbar.ax.tick_params(labelsize=7.5)
     colorbar.outline.set_linewidth(0.6)
     if params.value == "target_rank":
-        colorbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        colorbar.ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
         colorbar.ax.minorticks_off()
         colorbar.ax.invert_yaxis()  # the best rank (1) at the top, like the best probability
     add_title(figure, params.title)

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-import torch
-import xarray as xr
 from pydantic import Field, field_validator
 
 from probescope import (
     EMBED_LAYER, DatasetSchema, Layer, Parameters, Probe, Read, Variable, clean_token, distinct, embed,
-    layer_label, layer_problems, resid, resolve_layers,
+    layer_label, layer_problems, lazy_import, resid, resolve_layers,
 )
+
+# Imported on first use, so that listing plugins (`probescope plugins`) stays fast.
+np = lazy_import("numpy")
+torch = lazy_import("torch")
+xr = lazy_import("xarray")
 
 
 class LensParameters(Parameters):
@@ -101,7 +103,7 @@ def lens_reduction(norm, unembed, k: int):
 
     One tensor carries all four, so the vocabulary-wide logits are computed once per layer."""
 
-    def reduce(hidden: torch.Tensor, batch) -> torch.Tensor:
+    def reduce(hidden, batch):
         x = hidden if norm is None else norm(hidden)
         logits = unembed(x.to(unembed.weight.dtype))  # (batch, token, vocab)
         logp = torch.log_softmax(logits.double(), dim=-1)
