@@ -8,10 +8,10 @@ import torch
 
 import probescope
 from conftest import PROMPTS
-from docs_examples import blocks, documented_plugins
+from docs_examples import ROOT, blocks, documented_plugins, run_session, session_pages, single_blocks
 
 
-@pytest.mark.parametrize("where,code", blocks("python"), ids=[w for w, _ in blocks("python")])
+@pytest.mark.parametrize("where,code", single_blocks("python"), ids=[w for w, _ in single_blocks("python")])
 def test_python_example_runs(where, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, where, "exec"), {"__name__": "docs_example"})
@@ -53,3 +53,40 @@ def test_documented_probe_and_renderer_work(gpt2, tokenizer, tmp_path):
     figure = probescope.render([ds], "layer_line", tmp_path / "norms.png", plugins=plugins)
     assert np.allclose(figure.axes[0].get_lines()[0].get_ydata(), expected, rtol=1e-5)
     assert (tmp_path / "norms.png").stat().st_size > 5000
+
+
+@pytest.fixture(scope="module")
+def demo_models(tmp_path_factory):
+    """What ``probescope demo --tiny`` builds before it runs: ``probescope-demo/models/``."""
+    from probescope import demo
+
+    folder = tmp_path_factory.mktemp("demo")
+    demo.write_demo(folder / "probescope-demo", log=lambda *_: None)
+    return folder / "probescope-demo"
+
+
+def _session_folder(page, tmp_path, demo_models):
+    if page.name == "getting-started.md":  # the page starts from `probescope demo --tiny`
+        (tmp_path / "probescope-demo").symlink_to(demo_models, target_is_directory=True)
+    return tmp_path
+
+
+@pytest.mark.parametrize("page", session_pages(), ids=lambda p: p.name)
+def test_pages_run_as_a_reader_follows_them(page, tmp_path, demo_models):
+    run_session(page, _session_folder(page, tmp_path, demo_models))
+
+
+def test_getting_started_shows_what_check_prints(tmp_path, demo_models, capsys, monkeypatch):
+    """The page's example of mistakes is what ``probescope check`` prints for them."""
+    from probescope.cli import main
+
+    page = ROOT / "docs" / "getting-started.md"
+    config = next(code for _, code in blocks("toml", page) if code.startswith("# probes.toml"))
+    shown = next(code for _, code in blocks("text", page) if code.startswith("error: probes.toml"))
+    bad = config.replace('layers = ["embed", 0, -1]', 'layers = ["embed", 0, 7]').replace("prompt = 1", "prompt = 2")
+    assert bad.count("7]") == 1 and "prompt = 2" in bad
+    folder = _session_folder(page, tmp_path, demo_models)
+    (folder / "probes.toml").write_text(bad)
+    monkeypatch.chdir(folder)
+    assert main(["check", "probes.toml"]) == 2
+    assert capsys.readouterr().err == shown

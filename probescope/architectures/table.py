@@ -89,7 +89,8 @@ reason, raised when the configuration is validated, before any weights load.
 A family not listed works for residual-stream probes when its model entry names the
 block list (`blocks = "transformer.h"`). To support a family fully, subclass
 `probescope.ArchitectureAdapter` in your own package and register it with the
-`register_architectures` hook; it then appears here when the page is regenerated.
+`register_architectures` hook ([adding-an-architecture.md](adding-an-architecture.md)
+walks through one); it then appears here when the page is regenerated.
 
 Module paths are relative to a block; for a fused module the cell says which of its output
 features are the component (d: model width, h: head width).
