@@ -53,17 +53,27 @@ class _Strict(BaseModel):
 class ModelEntry(_Strict):
     """``[[models]]``: one model to probe."""
 
-    name: str
-    path: str | None = None  # local folder (relative to the config file)
-    hub: str | None = None  # hub id such as "gpt2"
-    revision: str | None = None
-    dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = "auto"  # the checkpoint's own
-    device: str = "cpu"
-    device_map: str | dict[str, Any] | None = None
-    architecture: str | None = None  # adapter name, when detection should be overridden
-    blocks: str | None = None  # block list path, for a family without an adapter
-    trust_remote_code: bool = False
-    use_safetensors: bool = True
+    name: str = Field(description="the model's name in results (`DIR/NAME/...`), figures and messages; "
+                      "unique among models")
+    path: str | None = Field(None, description="a local model folder holding `config.json`, the tokenizer and the "
+                             "weights (as `save_pretrained` writes them), relative to the config file; give this or `hub`")
+    hub: str | None = Field(None, description='a Hugging Face hub id such as "gpt2" or "EleutherAI/pythia-160m"; '
+                            "give this or `path`")
+    revision: str | None = Field(None, description="hub branch, tag or commit (default: the latest); recorded in "
+                                 "each dataset's `attrs`")
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = Field(
+        "auto", description='dtype the weights load in; "auto" keeps the checkpoint\'s own')
+    device: str = Field("cpu", description='torch device the model runs on, such as "cpu", "cuda", "cuda:1" or "mps"')
+    device_map: str | dict[str, Any] | None = Field(
+        None, description='passed to transformers\' `from_pretrained` (for example "auto", which needs accelerate); '
+        "when set, `device` is not used")
+    architecture: str | None = Field(None, description="name of the architecture adapter to use (see `probescope "
+                                     "plugins`); default: chosen from the `model_type` in the model's config")
+    blocks: str | None = Field(None, description='dotted path of the block list (for example "gpt_neox.layers") '
+                               "for a model no adapter handles; only the residual stream is then available")
+    trust_remote_code: bool = Field(False, description="allow a hub model's own Python code to run")
+    use_safetensors: bool = Field(True, description="load weights only from `.safetensors` files; false also allows "
+                                  "pickled checkpoints (`.bin`), which can run code when loaded")
 
     @field_validator("name")
     @classmethod
@@ -98,11 +108,11 @@ class Inputs(_Strict):
         '{"text": ...} object per line) file of prompts, relative to the config file; '
         "blank lines are skipped; give this or prompts")
     batch_size: StrictInt = Field(default=8, ge=1, description="prompts per forward pass")
-    # For vision-language models: image files paired with prompts by position ("" for a
-    # text-only prompt), relative to the config file; checked in validate().
-    images: list[str] | None = None
-    # Whether each prompt (with its image) goes through the processor's chat template.
-    chat_template: bool = False
+    # checked in validate(): files exist and open as images
+    images: list[str] | None = Field(None, description="vision-language models: one image file per prompt, in the "
+                                     'same order ("" for a prompt without one), relative to the config file')
+    chat_template: bool = Field(False, description="vision-language models: put each prompt (and its image) in one "
+                                "user turn of the processor's chat template, ending where the answer would begin")
 
     @field_validator("prompts")
     @classmethod
@@ -145,7 +155,7 @@ class _PluginEntry(BaseModel):
     the plugin's parameters, validated against the plugin's own schema."""
 
     model_config = ConfigDict(extra="allow")
-    use: str
+    use: str = Field(description="the plugin's name (list them with `probescope plugins`)")
 
     @property
     def parameters(self) -> dict[str, Any]:
@@ -156,8 +166,10 @@ class ProbeEntry(_PluginEntry):
     """``[[probes]]``: ``use`` names the probe, ``models`` the models it runs on (all by
     default); every other key is one of its parameters."""
 
-    name: str | None = None
-    models: list[str] | None = Field(default=None, min_length=1)
+    name: str | None = Field(None, description="the entry's name (default: the value of `use`): results are saved as "
+                             "`NAME.nc` and renderers refer to it; a second entry of the same probe needs one")
+    models: list[str] | None = Field(default=None, min_length=1, description="run this entry only on these "
+                                     "`[[models]]` names (default: every model)")
 
     @field_validator("name")
     @classmethod
@@ -173,22 +185,28 @@ class RendererEntry(_PluginEntry):
     """``[[renderers]]``: ``use`` names the renderer, ``probe`` the ``[[probes]]`` entry
     whose datasets it draws, ``output`` the figure file; other keys are its parameters."""
 
-    output: str  # its format is checked in validate(), so a bad one hides nothing else
-    probe: str | None = None
+    # its format is checked in validate(), so a bad one hides nothing else
+    output: str = Field(description="the figure file, relative to `[output] dir`; `.png`, `.pdf` or `.svg` sets "
+                        "the format; unique among renderers")
+    probe: str | None = Field(None, description="the name of the `[[probes]]` entry whose datasets it draws; may be "
+                              "left out when exactly one entry uses the probe the renderer draws")
 
 
 class Output(_Strict):
     """``[output]``: where results go (relative to the config file)."""
 
-    dir: str = "results"
+    dir: str = Field("results", description="folder for datasets (`DIR/MODEL/ENTRY.nc`), figures and the "
+                     "manifest, relative to the config file")
 
 
 class Include(_Strict):
     """An ``include`` item given as a table: the file, and keys to change in its probe
     entries, by entry name (see :mod:`probescope.config_files`)."""
 
-    path: str
-    override: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    path: str = Field(description="a TOML file of `[[probes]]` (and `[[renderers]]`) entries, relative to the "
+                      "including file")
+    override: dict[str, dict[str, Any]] = Field(default_factory=dict, description="keys to change in the included "
+                                                "entries, by entry name: `{ENTRY = {KEY = VALUE}}`")
 
 
 class RunConfig(_Strict):
@@ -196,12 +214,16 @@ class RunConfig(_Strict):
     schema; this class names them and their defaults. ``include`` is merged in before
     (:func:`probescope.config_files.assemble`)."""
 
-    include: list[str | Include] = Field(default_factory=list)
-    models: list[ModelEntry] = Field(default_factory=list)
-    inputs: Inputs
-    probes: list[ProbeEntry] = Field(min_length=1)
-    renderers: list[RendererEntry] = Field(default_factory=list)
-    output: Output = Field(default_factory=Output)
+    include: list[str | Include] = Field(default_factory=list, description="probe sets kept in other TOML files, "
+                                         "merged in before validation: paths, or tables with a path and overrides")
+    models: list[ModelEntry] = Field(default_factory=list, description="the models to probe, one table each")
+    inputs: Inputs = Field(description="what is fed to every model: the prompts (and images); needed when some "
+                           "probe reads activations")
+    probes: list[ProbeEntry] = Field(min_length=1, description="the probe entries: `use` names the probe; every other "
+                                     "key but `name` and `models` is one of its parameters")
+    renderers: list[RendererEntry] = Field(default_factory=list, description="the figures: `use` names the renderer, "
+                                           "`output` the file; other keys are its parameters")
+    output: Output = Field(default_factory=Output, description="where results go")
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,8 @@ def config_schema(registry: Any) -> dict[str, Any]:
     properties = {key: sections["properties"][key] for key in _SECTION_MODELS}
     properties["probes"] = _entries_schema("probe", registry.all("probe"), ProbeEntry, defs)
     properties["renderers"] = _entries_schema("renderer", registry.all("renderer"), RendererEntry, defs)
+    for key in ("probes", "renderers"):
+        properties[key]["description"] = RunConfig.model_fields[key].description
     for key, value in sections["properties"].items():  # sections added to RunConfig later
         properties.setdefault(key, value)
     return {

@@ -51,7 +51,7 @@ def _section_rows(model: Any) -> list[tuple[str, str, str, str]]:
 
 def config_page(registry: Any) -> str:
     """The keys of each section and of each built-in probe and renderer."""
-    from probescope.config import Include, Inputs, ModelEntry, Output, ProbeEntry, RendererEntry
+    from probescope.config import Include, Inputs, ModelEntry, Output, ProbeEntry, RendererEntry, RunConfig
     from probescope.config_schema import parameter_rows
 
     lines = ["# Configuration reference", "", _GENERATED.format(what="config"), "",
@@ -59,11 +59,13 @@ def config_page(registry: Any) -> str:
              "with. [configuration.md](configuration.md) explains them with examples; "
              "`probescope plugins NAME` prints the same table for any installed plugin, "
              "third-party ones included.", ""]
-    sections = [("`include = [...]` items (tables)", Include), ("`[[models]]`", ModelEntry),
-                ("`[inputs]`", Inputs), ("`[[probes]]` (besides the probe's parameters)", ProbeEntry),
-                ("`[[renderers]]` (besides the renderer's parameters)", RendererEntry), ("`[output]`", Output)]
-    for title, model in sections:
-        lines += [f"## {title}", "", *_table(_section_rows(model)), ""]
+    sections = [("include", "`include = [...]` items (tables)", Include), ("models", "`[[models]]`", ModelEntry),
+                ("inputs", "`[inputs]`", Inputs), ("probes", "`[[probes]]` (besides the probe's parameters)", ProbeEntry),
+                ("renderers", "`[[renderers]]` (besides the renderer's parameters)", RendererEntry),
+                ("output", "`[output]`", Output)]
+    for key, title, model in sections:
+        about = RunConfig.model_fields[key].description  # the section's own description
+        lines += [f"## {title}", "", f"{about[0].upper()}{about[1:]}.", "", *_table(_section_rows(model)), ""]
     for kind in ("probe", "renderer"):
         for name in registry.names(kind):
             entry = registry.entries[kind][name]
