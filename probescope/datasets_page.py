@@ -29,9 +29,24 @@ def builtin_schemas() -> dict[str, DatasetSchema]:
             if e.origin.package == "probescope" and getattr(e.obj, "schema", None) is not None}
 
 
+#: The model and results folder the page's examples read; the test that runs the page's
+#: Python blocks writes every built-in probe's dataset there first.
+EXAMPLE_RESULTS = "results"
+EXAMPLE_MODEL = "gpt2"
+
+
+def reading_example(probe: str) -> str:
+    """The Python block that ends each probe's section: how to open its dataset (the
+    section's other examples use the ``ds`` it opens)."""
+    return (f"Open one (a run writes `DIR/MODEL/ENTRY.nc`; here the `{probe}` entry of the model "
+            f"`{EXAMPLE_MODEL}`):\n\n```python\nimport probescope\n\n"
+            f'ds = probescope.load("{EXAMPLE_RESULTS}/{EXAMPLE_MODEL}/{probe}.nc")   # xarray.open_dataset reads it too\n'
+            "```\n")
+
+
 def update_page(page: str, schemas: Mapping[str, DatasetSchema] | None = None) -> str:
     """``page`` with every ``<!-- schema: NAME -->`` ... ``<!-- /schema -->`` section
-    rewritten from the schema of probe NAME.
+    rewritten from the schema of probe NAME, followed by how to open such a dataset.
 
     :raises KeyError: a section names a probe without a schema.
     """
@@ -39,7 +54,7 @@ def update_page(page: str, schemas: Mapping[str, DatasetSchema] | None = None) -
 
     def section(match: re.Match) -> str:
         schema = schemas[match["probe"]]
-        return f"{match[1]}{schema.markdown()}\n{match[3]}"
+        return f"{match[1]}{schema.markdown()}\n\n{reading_example(match['probe'])}{match[3]}"
 
     return _SECTION.sub(section, page)
 

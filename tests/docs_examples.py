@@ -110,3 +110,15 @@ def run_session(page: Path, folder: Path) -> dict:
             if any(str(place).startswith(str(folder)) for place in places):
                 del sys.modules[name]
     return namespace
+
+
+def page_sections(page: Path) -> list[tuple[str, list[tuple[str, str]]]]:
+    """``(heading, [(where, code), ...])`` of each ``## `` section's runnable Python blocks."""
+    out = []
+    for k, part in enumerate(page.read_text().split("\n## ")):
+        heading = part.splitlines()[0] if k else "(top)"
+        code = [(f"{page.relative_to(ROOT)} section {heading!r} block {j}", m.group(3))
+                for j, m in enumerate(m for m in _BLOCK.finditer(part) if m.group(2) == "python")
+                if not m.group(1)]
+        out.append((heading, code))
+    return out

@@ -8,7 +8,7 @@ import torch
 
 import probescope
 from conftest import PROMPTS
-from docs_examples import ROOT, blocks, documented_plugins, run_session, session_pages, single_blocks
+from docs_examples import ROOT, blocks, documented_plugins, page_sections, run_session, session_pages, single_blocks
 
 
 @pytest.mark.parametrize("where,code", single_blocks("python"), ids=[w for w, _ in single_blocks("python")])
@@ -90,3 +90,43 @@ def test_getting_started_shows_what_check_prints(tmp_path, demo_models, capsys, 
     monkeypatch.chdir(folder)
     assert main(["check", "probes.toml"]) == 2
     assert capsys.readouterr().err == shown
+
+
+@pytest.fixture(scope="module")
+def example_results(model_dirs, tmp_path_factory):
+    """Every built-in probe's dataset where docs/datasets.md's examples read them
+    (``results/gpt2/...``, and ``results/llama/component_norm.nc`` to combine with)."""
+    import warnings
+
+    from probescope import datasets_page
+
+    folder = tmp_path_factory.mktemp("datasets_page")
+    config = {
+        "models": [{"name": datasets_page.EXAMPLE_MODEL, "path": str(model_dirs["gpt2"])},
+                   {"name": "llama", "path": str(model_dirs["llama"])}],
+        "inputs": {"prompts": PROMPTS, "batch_size": 2},
+        "probes": [{"use": "token_similarity", "layers": ["embed", 0, "last"], "models": ["gpt2"]},
+                   {"use": "component_norm"},
+                   {"use": "head_classifier", "builtin_relations": True, "min_pairs": 1, "models": ["gpt2"]}],
+        "output": {"dir": str(folder / datasets_page.EXAMPLE_RESULTS)},
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", probescope.ProbescopeWarning)  # relations with few single-token pairs
+        probescope.run(config)
+    return folder
+
+
+def test_datasets_page_examples_run_on_real_results(example_results, monkeypatch):
+    """Each section's Python blocks run in order, in one namespace: the generated block
+    that opens the section's dataset first, then the examples that use it."""
+    monkeypatch.chdir(example_results)
+    ran = {}
+    for heading, code in page_sections(ROOT / "docs" / "datasets.md"):
+        namespace: dict = {"__name__": "docs_example"}
+        for where, block in code:
+            exec(compile(block, where, "exec"), namespace)
+        ran[heading] = namespace
+    assert {"`token_similarity`", "`component_norm`", "`head_classifier`"} <= {h for h, ns in ran.items() if "ds" in ns}
+    both = ran["`component_norm`"]["both"]
+    assert both.value.sel(model="gpt2", component="mlp.gate").isnull().all()
+    assert both.value.sel(model="llama", component="mlp.gate").notnull().all()
