@@ -8,7 +8,8 @@ Statistics:
 
 - ``activation_norm``: mean over real (non-padding) tokens of all prompts of the L2 norm
   of the component's output. Read inside the run's single traced pass, reduced there to
-  a sum and a count per batch.
+  a sum and a count per batch, added to one running total per (layer, component) as
+  the batches go, so memory does not grow with the number of prompts.
 - ``weight_norm``: Frobenius or spectral norm of the component's weight (out x in).
 - ``relative_update``: ``||W - W_ref|| / ||W_ref||`` against a reference checkpoint of
   the same architecture.
@@ -141,7 +142,8 @@ def matrix_norm(matrix: torch.Tensor, norm: str) -> float:
 
 def _norm_sum(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Sum over real tokens of the L2 norm of ``hidden`` ``(batch, token, width)``, and
-    the number of real tokens: a ``(2,)`` float64 tensor, summed over batches later."""
+    the number of real tokens: a ``(2,)`` float64 tensor, added to the run's total as
+    each batch ends (the read accumulates), so nothing per batch is kept."""
     norms = torch.linalg.vector_norm(hidden.to(torch.float32), dim=-1)  # (batch, token)
     mask = batch.mask
     total = norms.masked_fill(~mask, 0).sum(dtype=torch.float64)
@@ -182,6 +184,7 @@ class ComponentNorm(Probe):
     description = "one statistic (activation, weight, update or gradient norm) per layer and component"
     Parameters = ComponentNormParameters
     schema = SCHEMA
+    any_prompt_order = True  # sums over every prompt's tokens
 
     def check(self, params: ComponentNormParameters, model: Any) -> list[Problem]:
         problems = layer_problems(params.layers, model.num_layers)
@@ -200,7 +203,7 @@ class ComponentNorm(Probe):
             return []
         present = model.adapter.components(model.config)
         return [
-            Read((layer, name), component(name, layer), _norm_sum)
+            Read((layer, name), component(name, layer), _norm_sum, accumulate=True)
             for layer in _layers(params, model.num_layers)
             for name in chosen_components(params) if name in present
         ]

@@ -130,6 +130,7 @@ class TokenSimilarity(Probe):
     description = "similarity of the hidden states of every pair of tokens (j <= i), per layer"
     Parameters = TokenSimilarityParameters
     schema = SCHEMA
+    any_prompt_order = True  # build places each batch's rows by prompt index
 
     def check(self, params: TokenSimilarityParameters, model) -> list[Problem]:
         return layer_problems(params.layers, model.num_layers, embed=True)
@@ -150,11 +151,9 @@ class TokenSimilarity(Probe):
         width = max(len(p) for p in run.prompts)
         values = np.full((len(run.prompts), len(layers), width, width), np.nan, dtype=np.float32)
         for li, layer in enumerate(layers):
-            row = 0
-            for matrix in run.reductions[layer]:
-                b, t, _ = matrix.shape
-                values[row : row + b, li, :t, :t] = matrix.float().numpy()
-                row += b
+            for matrix, batch in zip(run.reductions[layer], run.batches):
+                t = matrix.shape[1]  # batches may run in any order: rows go to their prompts
+                values[[p.index for p in batch.prompts], li, :t, :t] = matrix.float().numpy()
 
         texts = np.full((len(run.prompts), width), "", dtype=object)
         ids = np.full((len(run.prompts), width), -1, dtype=np.int64)

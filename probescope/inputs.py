@@ -120,8 +120,13 @@ class Batch:
 
     @property
     def mask(self) -> torch.Tensor:
-        """``(batch, token)`` bool, True for real tokens."""
-        return self.attention_mask.bool()
+        """``(batch, token)`` bool, True for real tokens (made once per batch: every
+        reduction of the pass asks for it)."""
+        of, mask = self.__dict__.get("_mask", (None, None))
+        if of is not self.attention_mask:
+            of, mask = self.attention_mask, self.attention_mask.bool()
+            self.__dict__["_mask"] = (of, mask)
+        return mask
 
     @property
     def prefix_mask(self) -> torch.Tensor:
@@ -257,10 +262,11 @@ def process(
 
 def processed_batches(
     processor: Any, prompts: Sequence[Prompt], batch_size: int, *, device: Any = "cpu", dtype: Any = None,
+    sort: bool = False,
 ) -> list[Batch]:
-    """Group prompts in order into right-padded batches through the processor, so that
-    each batch carries the processor's other tensors; floating ones (pixels) are cast to
-    the model's ``dtype``.
+    """Group prompts into right-padded batches through the processor (in order or, with
+    ``sort``, by length: :func:`groups`), so that each batch carries the processor's other
+    tensors; floating ones (pixels) are cast to the model's ``dtype``.
 
     :raises InputError: the processor tokenized a prompt differently in a batch than alone.
     """
@@ -270,8 +276,7 @@ def processed_batches(
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     try:
         out = []
-        for start in range(0, len(prompts), batch_size):
-            group = list(prompts[start : start + batch_size])
+        for group in groups(prompts, batch_size, sort=sort):
             encoded = dict(_encode(processor, [p.model_text for p in group], [p.image for p in group],
                                    padding=True, padding_side="right"))
             ids, mask = encoded.pop("input_ids"), encoded.pop("attention_mask")
@@ -289,13 +294,27 @@ def processed_batches(
         tokenizer.pad_token = own_pad
 
 
+def by_length(prompts: Sequence[Prompt]) -> list[Prompt]:
+    """``prompts`` longest first (prompts of one length in their own order), so that each
+    batch holds prompts of about one length and pads little. Longest first also puts the
+    largest batch first: later, smaller batches fit in the memory it freed."""
+    return sorted(prompts, key=lambda p: -len(p))
+
+
+def groups(prompts: Sequence[Prompt], batch_size: int, *, sort: bool = False) -> list[list[Prompt]]:
+    """The prompts of each batch: in the given order, or with ``sort`` by length
+    (:func:`by_length`); each :class:`Prompt` keeps its ``index`` in the user's order."""
+    ordered = by_length(prompts) if sort else list(prompts)
+    return [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
+
+
 def batches(
-    prompts: Sequence[Prompt], batch_size: int, *, pad_id: int = 0, device: Any = "cpu"
+    prompts: Sequence[Prompt], batch_size: int, *, pad_id: int = 0, device: Any = "cpu", sort: bool = False,
 ) -> list[Batch]:
-    """Group prompts in order into right-padded batches of at most ``batch_size``."""
+    """Group prompts into right-padded batches of at most ``batch_size``, in order or,
+    with ``sort``, by length (:func:`groups`)."""
     out = []
-    for start in range(0, len(prompts), batch_size):
-        group = list(prompts[start : start + batch_size])
+    for group in groups(prompts, batch_size, sort=sort):
         width = max(len(p) for p in group)
         ids = torch.full((len(group), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(group), width), dtype=torch.long)

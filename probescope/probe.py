@@ -60,21 +60,34 @@ class Read:
         components, ``(batch, head, query, key)`` for ``attention``...); returns a
         (small) tensor. It runs inside the forward pass, so it must only compute: no
         I/O, and nothing kept beyond its return value.
+    :param accumulate: add the reductions of all batches up as they come, in place, in
+        the dtype and shape of the first batch's (every batch must return that shape):
+        :attr:`ProbeRun.reductions` then holds one tensor under ``key``, the total, and
+        memory does not grow with the number of prompts. For sums and counts that the
+        probe turns into means in :meth:`Probe.build`.
     """
 
     key: Hashable
     site: SiteRef
     reduce: Reduction
+    accumulate: bool = False
 
 
 @dataclass
 class ProbeRun:
-    """Everything a probe gets back to build its dataset."""
+    """Everything a probe gets back to build its dataset.
+
+    ``prompts`` are in the user's order (``prompts[i].index == i``). ``batches`` are in
+    the order they ran: when every probe on the model says :attr:`Probe.any_prompt_order`,
+    the runner batches prompts longest first, so row ``r`` of batch ``b`` is prompt
+    ``batches[b].prompts[r].index``, not the ``r``-th of the run.
+    """
 
     model: "LoadedModel"
     prompts: list[Prompt]
     batches: list[Batch]
-    # key -> one tensor per batch, in batch order
+    # key -> one tensor per batch, in batch order; one tensor, the total, for a Read
+    # that accumulates
     reductions: dict[Hashable, list[torch.Tensor]] = field(default_factory=dict)
 
 
@@ -91,6 +104,12 @@ class Probe:
     description: ClassVar[str] = ""
     Parameters: ClassVar[type[Parameters]] = Parameters
     schema: ClassVar[Optional["DatasetSchema"]] = None
+    #: Whether :meth:`build` is right whatever order prompts run in: it only sums over
+    #: prompts, or it places row ``r`` of batch ``b`` at prompt
+    #: ``run.batches[b].prompts[r].index``. When every probe on a model says so, the
+    #: runner batches prompts sorted by length (less padding, same results). Off by
+    #: default, so a probe that takes batch rows to be prompts in order stays right.
+    any_prompt_order: ClassVar[bool] = False
 
     def check(self, params: Any, model: "ModelInfo") -> list[Problem]:
         """Problems with ``params`` for this particular model, found before weights load

@@ -211,12 +211,17 @@ def _probe_reads(tasks: Sequence[ProbeTask], loaded: models_mod.LoadedModel, out
     return reads
 
 
-def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list, outcome: Outcome) -> dict[str, list[dict]]:
-    """Run every batch through one trace shared by all reads; per owner, one dict of
-    reductions per batch. Owners whose reductions raise are recorded as failed."""
+def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list,
+               outcome: Outcome) -> dict[str, dict[Any, list]]:
+    """Run every batch through one trace shared by all reads; per owner, its reductions
+    by key (:func:`probescope.trace.Collected`). Owners whose reductions raise are
+    recorded as failed."""
     name = loaded.name
     owners = list(dict.fromkeys(owner for owner, _ in reads))
-    per_owner: dict[str, list[dict]] = {owner: [] for owner in owners}
+    per_owner: dict[str, trace.Collected] = {owner: trace.Collected() for owner in owners}
+    for owner, read in reads:
+        if read.accumulate:
+            per_owner[owner].accumulating.add(read.key)
     adapter = loaded.info.adapter
 
     sites: dict = {}  # SiteRef -> Site: each site is placed once, however many probes read it
@@ -242,7 +247,7 @@ def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list, outco
         per_owner.pop(owner)
     reads = [(owner, read) for owner, read in reads if owner not in unplaceable]
     if not reads:
-        return per_owner
+        return {owner: collected.reductions for owner, collected in per_owner.items()}
     # Only eager attention computes probabilities: switched on for this model's pass, then back.
     reads_attention = any(read.site.kind == ATTENTION for _, read in reads)
     try:
@@ -251,17 +256,22 @@ def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list, outco
         with eager, trace.wrapped(loaded.model) as envoy:
             for batch in progress(batches, desc=f"{name}: batches"):
                 sink, failed = trace.run_batch(envoy, steps, batch)
+                for owner in per_owner:
+                    if owner not in failed:
+                        try:
+                            per_owner[owner].add(sink[owner])
+                        except Exception as exc:
+                            failed[owner] = exc
                 for owner, exc in failed.items():
                     outcome.fail(name, "probe", owner, exc)
                     per_owner.pop(owner, None)
-                for owner in per_owner:
-                    per_owner[owner].append(sink[owner])
+                del sink  # this batch's results are folded in: nothing of it is kept
                 steps = [s for s in (trace.without(step, failed) for step in steps) if s.reads]
     except Exception as exc:  # the pass itself broke: every probe still reading fails
         for owner in per_owner:
             outcome.fail(name, "probe", owner, exc)
         return {}
-    return per_owner
+    return {owner: collected.reductions for owner, collected in per_owner.items()}
 
 
 def _weights_only(tasks: Sequence[ProbeTask], info: models_mod.ModelInfo) -> bool:
@@ -299,11 +309,13 @@ def run_model(plan: Plan, prepared: Prepared, registry: Any, outcome: Outcome, w
     name = prepared.info.name
     tasks = list(plan.probes_for(name) if tasks is None else tasks)
     loaded = open_model(plan, prepared, tasks)
+    sort = _any_prompt_order(tasks, prepared.info)
     if getattr(loaded, "processor", None) is not None:
         batches = inputs_mod.processed_batches(loaded.processor, prepared.prompts, plan.batch_size,
-                                               device=loaded.device, dtype=next(loaded.model.parameters()).dtype)
+                                               device=loaded.device, dtype=next(loaded.model.parameters()).dtype,
+                                               sort=sort)
     else:
-        batches = inputs_mod.batches(prepared.prompts, plan.batch_size,
+        batches = inputs_mod.batches(prepared.prompts, plan.batch_size, sort=sort,
                                      pad_id=inputs_mod.pad_id_of(prepared.tokenizer), device=loaded.device)
     reads = _probe_reads(tasks, loaded, outcome)
     reduced = _trace_all(loaded, reads, batches, outcome)
@@ -312,7 +324,7 @@ def run_model(plan: Plan, prepared: Prepared, registry: Any, outcome: Outcome, w
     for task in progress(tasks, desc=f"{name}: probes"):
         if task.name in failed:
             continue
-        run = ProbeRun(loaded, prepared.prompts, batches, trace.gather(reduced.get(task.name, [])))
+        run = ProbeRun(loaded, prepared.prompts, batches, trace.on_cpu(reduced.pop(task.name, {})))
         try:
             dataset = task.probe.build(task.params, run)
             dataset.attrs.update(results.provenance(
@@ -332,6 +344,12 @@ def run_model(plan: Plan, prepared: Prepared, registry: Any, outcome: Outcome, w
             outcome.files.append(path)
             if record is not None:
                 record(path, task)
+
+
+def _any_prompt_order(tasks: Sequence[ProbeTask], info: models_mod.ModelInfo) -> bool:
+    """Whether prompts may run sorted by length: every probe that reads them builds its
+    dataset right whatever order they run in (:attr:`probescope.Probe.any_prompt_order`)."""
+    return all(getattr(task.probe, "any_prompt_order", False) for task in tasks if _needs(task, info))
 
 
 def _needs(task: ProbeTask, info: models_mod.ModelInfo) -> bool:

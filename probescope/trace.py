@@ -9,7 +9,6 @@ last site anyone asked for, so layers after it and the unembedding never run.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -167,10 +166,36 @@ def _set_attention(model: torch.nn.Module, implementation: str) -> None:
         model.config._attn_implementation = implementation
 
 
-def gather(per_batch: list[dict[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
-    """Per-batch ``{key: tensor}`` dicts as ``{key: [tensor per batch]}`` on the CPU."""
-    out: dict[str, list[torch.Tensor]] = defaultdict(list)
-    for results in per_batch:
+@dataclass
+class Collected:
+    """One probe's reductions as batches come: ``reductions[key]`` is one tensor per
+    batch, or, for a key in ``accumulating`` (a :class:`Read` with ``accumulate``), one
+    tensor that each batch's result is added to in place, so that the batch's own result
+    is freed at once and memory does not grow with the number of batches."""
+
+    reductions: dict[Any, list[torch.Tensor]] = field(default_factory=dict)
+    accumulating: set = field(default_factory=set)
+
+    def add(self, results: dict[Any, torch.Tensor]) -> None:
+        """Fold in one batch's ``{key: tensor}``.
+
+        :raises ValueError: an accumulating reduction changed shape between batches.
+        """
         for key, tensor in results.items():
-            out[key].append(tensor.detach().to("cpu"))
-    return dict(out)
+            tensor = tensor.detach()
+            parts = self.reductions.setdefault(key, [])
+            if key not in self.accumulating:
+                parts.append(tensor)
+            elif not parts:
+                parts.append(tensor.clone())  # a tensor of its own (not an inference tensor) to add to
+            elif parts[0].shape != tensor.shape:
+                raise ValueError(f"the reduction of {key!r} accumulates over batches, but returned shape "
+                                 f"{tuple(tensor.shape)} after {tuple(parts[0].shape)}; an accumulating "
+                                 "reduction returns the same shape for every batch")
+            else:
+                parts[0] += tensor
+
+
+def on_cpu(reductions: dict[Any, list[torch.Tensor]]) -> dict[Any, list[torch.Tensor]]:
+    """``{key: [tensor, ...]}`` with every tensor moved to the CPU."""
+    return {key: [t.to("cpu") for t in parts] for key, parts in reductions.items()}

@@ -52,7 +52,7 @@ def raw_weight(model, family, layer, name):
     return module.weight[cols]
 
 
-def hooked_mean_norms(model, family, tokenizer):
+def hooked_mean_norms(model, family, tokenizer, prompts=PROMPTS):
     """Mean L2 norm of each component's output over every real token, from forward hooks
     on prompts run one at a time (no padding at all)."""
     blocks, parts = FAMILIES[family]
@@ -65,7 +65,7 @@ def hooked_mean_norms(model, family, tokenizer):
             handles.append(model.get_submodule(f"{blocks}.{layer}.{path}").register_forward_hook(hook))
     try:
         with torch.no_grad():
-            for prompt in PROMPTS:
+            for prompt in prompts:
                 ids = torch.tensor([tokenizer(prompt)["input_ids"]])
                 model(ids)
                 count += ids.shape[1]
