@@ -347,6 +347,11 @@ def _grad_norms(params, run: ProbeRun, layout: ModelLayout, layers, names) -> tu
             if module is not None:
                 modules[(layer, name)] = module
     params_of = list(dict.fromkeys(m.weight for m in modules.values()))
+    if any(p.device.type == "meta" for p in params_of):  # accelerate offloaded them (device_map)
+        raise ProbescopeError(
+            f"grad_norm differentiates the weights in memory, but model {run.model.name!r} was loaded with "
+            "device_map and some of them are offloaded (meta tensors between uses); load it without "
+            "device_map, or with a device_map that keeps every block in memory")
     frozen = [p for p in params_of if not p.requires_grad]
     total_tokens = sum(int(b.mask[:, 1:].sum()) for b in run.batches)
     if total_tokens == 0:

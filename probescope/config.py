@@ -64,9 +64,16 @@ class ModelEntry(_Strict):
     dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = Field(
         "auto", description='dtype the weights load in; "auto" keeps the checkpoint\'s own')
     device: str = Field("cpu", description='torch device the model runs on, such as "cpu", "cuda", "cuda:1" or "mps"')
+    # accelerate's placement across devices, CPU and disk (probescope.offload)
     device_map: str | dict[str, Any] | None = Field(
-        None, description='passed to transformers\' `from_pretrained` (for example "auto", which needs accelerate); '
-        "when set, `device` is not used")
+        None, description='place the model across GPUs, CPU and disk with accelerate (the `offload` extra): "auto", '
+        '"balanced", "balanced_low_0", "sequential", one device, or a table of module path = device, GPU index or '
+        '"disk"; excludes `device` (see docs/scale.md)')
+    max_memory: dict[str, Any] | None = Field(
+        None, description='with `device_map`: the most each device may hold, e.g. { 0 = "20GiB", cpu = "64GiB" } '
+        "(bytes, or KiB/MiB/GiB/KB/MB/GB)")
+    offload_folder: str | None = Field(
+        None, description='with `device_map`: folder for modules sent to "disk", relative to the config file')
     architecture: str | None = Field(None, description="name of the architecture adapter to use (see `probescope "
                                      "plugins`); default: chosen from the `model_type` in the model's config")
     blocks: str | None = Field(None, description='dotted path of the block list (for example "gpt_neox.layers") '
@@ -91,10 +98,34 @@ class ModelEntry(_Strict):
             raise ValueError(f"{device!r} is not a torch device; expected e.g. \"cpu\", \"cuda\", \"cuda:1\" or \"mps\"") from None
         return device
 
+    @field_validator("device_map")
+    @classmethod
+    def _device_map(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        from probescope.offload import check_device_map
+
+        return None if value is None else check_device_map(value)
+
+    @field_validator("max_memory")
+    @classmethod
+    def _max_memory(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        from probescope.offload import check_max_memory
+
+        return None if value is None else check_max_memory(value)
+
     @model_validator(mode="after")
     def _one_source(self) -> "ModelEntry":
+        problems = []
         if (self.path is None) == (self.hub is None):
-            raise ValueError("give exactly one of path (a local folder) or hub (a hub id)")
+            problems.append("give exactly one of path (a local folder) or hub (a hub id)")
+        if self.device_map is None:
+            needs = [key for key in ("max_memory", "offload_folder") if getattr(self, key) is not None]
+            if needs:
+                problems.append(f"{' and '.join(needs)} only apply with device_map (e.g. device_map = \"auto\")")
+        elif "device" in self.model_fields_set:
+            problems.append(f"give device ({self.device!r}) or device_map ({self.device_map!r}), not both: "
+                            "device_map places every module itself")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -500,6 +531,7 @@ def validate(
             if weights:
                 problems.append(Problem(f"models[{i}].path", weights))
             model.path = str(folder)
+        problems += _placement_problems(model, i, base_dir)
         if model.architecture is not None and model.architecture not in registry.names("architecture"):
             problems.append(Problem(
                 f"models[{i}].architecture",
@@ -614,6 +646,26 @@ def _prompt_file(inputs: Inputs, base_dir: Path) -> tuple[Any, list[Problem]]:
 
     read = read_prompts((base_dir / Path(inputs.prompts_file).expanduser()).resolve())
     return read, [Problem("inputs.prompts_file", message) for message in read.problems]
+
+
+def _placement_problems(model: ModelEntry, i: int, base_dir: Path) -> list[Problem]:
+    """What stops a ``device_map`` entry from loading (accelerate missing, an offload
+    folder that is a file); its ``offload_folder`` is made absolute."""
+    if model.device_map is None:
+        return []
+    from probescope.offload import accelerate_missing
+
+    problems = []
+    missing = accelerate_missing()
+    if missing:
+        problems.append(Problem(f"models[{i}].device_map", missing))
+    if model.offload_folder is not None:
+        folder = (base_dir / model.offload_folder).expanduser()
+        if folder.exists() and not folder.is_dir():
+            problems.append(Problem(f"models[{i}].offload_folder",
+                                    f"{str(folder)!r} is a file; give a folder (it is created when missing)"))
+        model.offload_folder = str(folder)
+    return problems
 
 
 def _entry_model_problems(entries: Sequence[tuple[int, ProbeEntry]], names: Sequence[str]) -> list[Problem]:

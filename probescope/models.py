@@ -116,15 +116,21 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the model takes its inputs (a dispatched model's execution device)."""
+        from probescope.offload import execution_device
+
+        return execution_device(self.model)
 
     @property
     def layout(self) -> "ModelLayout":
         """Weights by canonical name (component weights, per-head weights, embedding,
-        unembedding, final norm)."""
+        unembedding, final norm); for a model accelerate dispatched, offloaded weights
+        are read from its offload store instead of coming back as meta tensors."""
         from probescope.architectures.layout import ModelLayout
+        from probescope.offload import OffloadedLayout, is_dispatched
 
-        return ModelLayout(self.model, self.info.adapter, self.blocks)
+        kind = OffloadedLayout if is_dispatched(self.model) else ModelLayout
+        return kind(self.model, self.info.adapter, self.blocks)
 
 
 def find_adapter(
@@ -229,20 +235,27 @@ def find_blocks(model: torch.nn.Module, adapter: ArchitectureAdapter) -> str:
 def check_layout(entry: "ModelEntry", info: ModelInfo, registry: Any) -> None:
     """Build the model's skeleton on the meta device (no memory, no weights) and check
     that its adapter finds the block list, so a wrong ``architecture`` or ``blocks``
-    is caught before any weights load."""
+    (or a ``device_map`` table naming a module the model lacks) is caught before any
+    weights load."""
     config = info.vision.config if info.vision else info.config
     try:
         model = skeleton(config, entry.trust_remote_code)
     except Exception:  # a model class that cannot be built this way is checked at load time
         return
     try:
-        find_blocks(model, info.adapter)
+        blocks = find_blocks(model, info.adapter)
     except UnsupportedArchitectureError as exc:
         key = "blocks" if entry.blocks is not None and entry.architecture is None else "architecture"
         model_type = getattr(info.config, "model_type", None)
         fitting = [a.name for a in registry.all("architecture") if a.handles(info.config)]
         hint = f"; adapter {fitting[0]!r} handles it" if fitting else ""
         raise ModelLoadError(f"{exc}; this model's model_type is {model_type!r}{hint}", key=key) from None
+    from probescope.offload import unknown_modules
+
+    unknown = unknown_modules(model, entry.device_map)
+    if unknown:
+        raise ModelLoadError(f"device_map names module(s) the model does not have: {', '.join(map(repr, unknown))} "
+                             f"(its blocks are {blocks}.0, {blocks}.1, ...)", key="device_map")
 
 
 def unavailable_device(device: str) -> str | None:
@@ -319,8 +332,14 @@ def load_weights(entry: "ModelEntry", vision: bool = False) -> torch.nn.Module:
     kwargs = _hub_kwargs(entry)
     kwargs["use_safetensors"] = entry.use_safetensors
     kwargs[_dtype_kwarg()] = torch_dtype(entry.dtype) or "auto"
-    if entry.device_map is not None:
+    if entry.device_map is not None:  # accelerate places (and offloads) the modules
+        from probescope.offload import max_memory_kwarg
+
         kwargs["device_map"] = entry.device_map
+        if entry.max_memory is not None:
+            kwargs["max_memory"] = max_memory_kwarg(entry.max_memory)
+        if entry.offload_folder is not None:
+            kwargs["offload_folder"] = entry.offload_folder
     from probescope.progress import quiet_libraries
 
     try:

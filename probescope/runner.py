@@ -94,10 +94,13 @@ def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedMode
             key = getattr(exc, "key", None)
             problems.append(Problem(f"{where}.{key}" if key else where, str(exc)))
             continue
-        if entry is not None and entry.device_map is None:
-            unavailable = models_mod.unavailable_device(entry.device)
-            if unavailable:
-                problems.append(Problem(f"{where}.device", unavailable))
+        if entry is not None:
+            from probescope.offload import devices_named
+
+            for key, device in devices_named(entry):
+                unavailable = models_mod.unavailable_device(device)
+                if unavailable:
+                    problems.append(Problem(f"{where}.{key}", unavailable))
         try:
             prompts, found = _prompts(plan, info, tokenizer, processor)
         except InputError as exc:
