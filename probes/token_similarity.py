@@ -4,11 +4,17 @@ Answers "do token representations become more alike with depth?" (the token simi
 For each prompt and chosen layer, the similarity of token i's residual stream with each
 token j <= i (causal: a token only sees its past), computed inside the trace so that
 only a (token x token) matrix per prompt and layer leaves it.
+
+With ``form = "by_distance"`` only a summary leaves the trace: per layer and token
+distance ``i - j``, the sum, sum of squares and count of the similarities of every real
+pair in the batch. The dataset holds their mean, standard deviation and count, so its
+size depends on the longest prompt, never on how many prompts there are (the figure is
+``similarity_by_distance``).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 from pydantic import Field, field_validator
 
@@ -41,6 +47,14 @@ class TokenSimilarityParameters(Parameters):
         description="centred_cosine: subtract the mean of the tokens after the first. Trained "
         "models give the first token massive activations (SmolLM2: a norm a hundred times the "
         "others'), which otherwise set the mean, so that every later token looks alike",
+    )
+
+    form: Literal["full", "by_distance"] = Field(
+        default="full",
+        description='"full": the similarity of every pair of tokens of every prompt (for '
+        'similarity_grid); "by_distance": per layer and token distance i - j, the mean (and '
+        "standard deviation and count) over every pair of every prompt, a dataset whose size "
+        "does not grow with the number of prompts (for similarity_by_distance)",
     )
 
     @field_validator("layers")
@@ -90,7 +104,37 @@ SCHEMA = DatasetSchema(
     },
     attrs={"metric": "cosine or centred_cosine",
            "centre_without_first_token": "0 or 1: the first token left out of the centring mean",
-           "attention": "causal, or bidirectional prefix"},
+           "attention": "causal, or bidirectional prefix",
+           "form": "full"},
+)
+
+#: The dataset of ``form = "by_distance"``: one mean per layer and token distance.
+BY_DISTANCE_SCHEMA = DatasetSchema(
+    probe="token_similarity",
+    dims={
+        "layer": "the layers read: block index from 0; -1 is the embedding output",
+        "distance": "token distance i - j between the token compared (i) and the context token (j); "
+                    "negative only among the tokens of a bidirectional prefix",
+    },
+    coords={
+        "layer": Variable(("layer",), "int64", "block index; -1 the embedding output (the residual stream entering block 0)"),
+        "layer_label": Variable(("layer",), "str", '"embed" or the block index'),
+        "distance": Variable(("distance",), "int64", "i - j; 0 is each token against itself"),
+        "n_pairs": Variable(("distance",), "int64", "pairs of real tokens at this distance, over every prompt "
+                                                   "(padding never counts): the weight to pool datasets with"),
+    },
+    variables={
+        "similarity": Variable(("layer", "distance"), "float64",
+                               "mean similarity of the hidden states of token i and token j over every pair "
+                               "at this distance of every prompt"),
+        "similarity_std": Variable(("layer", "distance"), "float64",
+                                   "standard deviation of those similarities (over the pairs, not its error)"),
+    },
+    attrs={"metric": "cosine or centred_cosine",
+           "centre_without_first_token": "0 or 1: the first token left out of the centring mean",
+           "attention": "causal, or bidirectional prefix",
+           "form": "by_distance",
+           "n_prompts": "prompts summarised"},
 )
 
 
@@ -116,12 +160,34 @@ def similarity_matrix(hidden: torch.Tensor, mask: torch.Tensor, metric: str,
         h = h - mean
     unit = torch.nn.functional.normalize(h, dim=-1)
     sims = unit @ unit.transpose(1, 2)
-    n = h.shape[1]
-    causal = torch.ones(n, n, dtype=torch.bool, device=h.device).tril()
+    return sims.masked_fill(~kept_pairs(mask, prefix), float("nan"))
+
+
+def kept_pairs(mask: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """``(batch, token, token)`` bool: which pairs ``(i, j)`` a result keeps. Both must be
+    real tokens (``mask``, ``(batch, token)``), and j <= i, or both in a bidirectional
+    ``prefix``."""
+    n = mask.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
     if prefix is not None:  # tokens of a bidirectional prefix also see later ones
         causal = causal | (prefix.unsqueeze(2) & prefix.unsqueeze(1))
-    keep = causal & mask.unsqueeze(2) & mask.unsqueeze(1)
-    return sims.masked_fill(~keep, float("nan"))
+    return causal & mask.unsqueeze(2) & mask.unsqueeze(1)
+
+
+def distance_totals(sims: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``(3, 2 * token - 1)`` float64: the sum, the sum of squares and the number of the
+    kept similarities of a ``(batch, token, token)`` batch at each token distance i - j,
+    from ``-(token - 1)`` (column 0) to ``token - 1``. What ``form = "by_distance"`` keeps
+    of a batch: its size does not depend on the batch's prompts."""
+    b, n, _ = sims.shape
+    position = torch.arange(n, device=sims.device)
+    column = (position.unsqueeze(1) - position.unsqueeze(0) + (n - 1)).expand(b, n, n)[keep]
+    values = sims[keep].to(torch.float64)
+    totals = torch.zeros(3, 2 * n - 1, dtype=torch.float64, device=sims.device)
+    totals[0].index_add_(0, column, values)
+    totals[1].index_add_(0, column, values * values)
+    totals[2].index_add_(0, column, torch.ones_like(values))
+    return totals
 
 
 class TokenSimilarity(Probe):
@@ -132,14 +198,24 @@ class TokenSimilarity(Probe):
     schema = SCHEMA
     any_prompt_order = True  # build places each batch's rows by prompt index
 
+    forms = {"by_distance": BY_DISTANCE_SCHEMA}
+
+    def schema_for(self, params: TokenSimilarityParameters) -> DatasetSchema:
+        return BY_DISTANCE_SCHEMA if params.form == "by_distance" else SCHEMA
+
     def check(self, params: TokenSimilarityParameters, model) -> list[Problem]:
         return layer_problems(params.layers, model.num_layers, embed=True)
 
     def reads(self, params: TokenSimilarityParameters, model) -> list[Read]:
         metric, skip_first = params.metric, params.centre_without_first_token
 
-        def reduce(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        def matrix(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
             return similarity_matrix(hidden, batch.mask, metric, skip_first, batch.prefix_mask)
+
+        def totals(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+            return distance_totals(matrix(hidden, batch), kept_pairs(batch.mask, batch.prefix_mask))
+
+        reduce = totals if params.form == "by_distance" else matrix
 
         return [
             Read(layer, embed() if layer == EMBED_LAYER else resid(layer), reduce)
@@ -147,6 +223,8 @@ class TokenSimilarity(Probe):
         ]
 
     def build(self, params: TokenSimilarityParameters, run: ProbeRun) -> xr.Dataset:
+        if params.form == "by_distance":
+            return _by_distance(params, run)
         layers = resolve_layers(params.layers, run.model.info.num_layers)
         width = max(len(p) for p in run.prompts)
         values = np.full((len(run.prompts), len(layers), width, width), np.nan, dtype=np.float32)
@@ -161,9 +239,8 @@ class TokenSimilarity(Probe):
             texts[p.index, : len(p)] = p.tokens
             ids[p.index, : len(p)] = p.token_ids
         positions = np.arange(width)
-        label = {"cosine": "cosine similarity", "centred_cosine": "centred cosine similarity"}[params.metric]
-        vision = run.model.info.vision
-        bidirectional = vision is not None and vision.bidirectional_prefix
+        label = _LABELS[params.metric]
+        bidirectional = _bidirectional(run)
         description = ("similarity of token i's hidden state with context token j <= i; NaN above the "
                        "diagonal and over padding")
         if bidirectional:
@@ -214,10 +291,100 @@ class TokenSimilarity(Probe):
                                 "description": "text, image (the model's image token) or special (other "
                                                "special and added tokens); -1 on padding"}),
             },
-            attrs={"metric": params.metric,
-                   "centre_without_first_token": int(params.centre_without_first_token),
-                   "attention": "bidirectional prefix" if bidirectional else "causal"},
+            attrs={**_attrs(params, bidirectional), "form": "full"},
         )
+
+
+def _bidirectional(run: ProbeRun) -> bool:
+    vision = run.model.info.vision
+    return vision is not None and vision.bidirectional_prefix
+
+
+def _attrs(params: TokenSimilarityParameters, bidirectional: bool) -> dict:
+    """The attributes both forms carry."""
+    return {"metric": params.metric,
+            "centre_without_first_token": int(params.centre_without_first_token),
+            "attention": "bidirectional prefix" if bidirectional else "causal"}
+
+
+_LABELS = {"cosine": "cosine similarity", "centred_cosine": "centred cosine similarity"}
+
+
+def _by_distance(params: TokenSimilarityParameters, run: ProbeRun) -> xr.Dataset:
+    """The ``by_distance`` dataset: every batch's totals (:func:`distance_totals`) added
+    up per layer, then mean and standard deviation per distance."""
+    layers = resolve_layers(params.layers, run.model.info.num_layers)
+    width = max(len(p) for p in run.prompts)
+    totals = np.zeros((len(layers), 3, 2 * width - 1))
+    for li, layer in enumerate(layers):
+        for batch in run.reductions[layer]:
+            n = (batch.shape[1] + 1) // 2
+            totals[li, :, width - n : width + n - 1] += batch.numpy()
+    counts = totals[0, 2]
+    present = np.flatnonzero(counts > 0)
+    totals = totals[:, :, present]
+    counts = counts[present]
+    mean = totals[:, 0] / counts
+    spread = np.sqrt(np.maximum(totals[:, 1] / counts - mean**2, 0.0))
+    bidirectional = _bidirectional(run)
+    label = _LABELS[params.metric]
+    return xr.Dataset(
+        {"similarity": (("layer", "distance"), mean,
+                        {"long_name": f"mean {label}",
+                         "description": "mean similarity of token i's hidden state with token j's over every "
+                                        "pair of real tokens with i - j = distance, of every prompt"}),
+         "similarity_std": (("layer", "distance"), spread,
+                            {"long_name": f"standard deviation of the {label}",
+                             "description": "over the pairs at this distance (not the error of the mean)"})},
+        coords={
+            "layer": ("layer", np.array(layers, dtype=np.int64),
+                      {"description": "block index (0-based); -1 is the embedding output, "
+                                      "the residual stream entering block 0"}),
+            "layer_label": ("layer", np.array([layer_label(layer) for layer in layers], dtype=object)),
+            "distance": ("distance", (present - (width - 1)).astype(np.int64),
+                         {"description": "i - j: positions between the token compared and the context token"}),
+            "n_pairs": ("distance", np.rint(counts).astype(np.int64),
+                        {"description": "pairs of real tokens averaged at this distance, over every prompt"}),
+        },
+        attrs={**_attrs(params, bidirectional), "form": "by_distance", "n_prompts": len(run.prompts)},
+    )
+
+
+def pool_by_distance(datasets: Sequence[xr.Dataset]) -> xr.Dataset:
+    """One ``form = "by_distance"`` summary of several made over different prompts (the
+    same model, layers and parameters): means and standard deviations weighted by
+    ``n_pairs``, exactly what one run over every prompt gives. Distances one dataset
+    lacks count as zero pairs there.
+
+    :raises ValueError: a dataset that is not a ``by_distance`` summary, or summaries of
+        different layers.
+    """
+    items = list(datasets)
+    if not items:
+        raise ValueError("nothing to pool: give at least one by_distance dataset")
+    for k, ds in enumerate(items):
+        if "distance" not in ds.dims or "n_pairs" not in ds.coords:
+            raise ValueError(f'dataset {k} is not token_similarity\'s form = "by_distance" summary')
+        if list(ds.layer.values) != list(items[0].layer.values):
+            raise ValueError(f"dataset {k} has layers {list(ds.layer.values)}, dataset 0 "
+                             f"{list(items[0].layer.values)}; pool summaries of the same layers")
+    distances = sorted(set().union(*(ds.distance.values.tolist() for ds in items)))
+    count, total, squares = 0.0, 0.0, 0.0
+    for ds in items:
+        ds = ds.reindex(distance=distances)
+        weight = ds.n_pairs.fillna(0.0).reset_coords(drop=True)
+        total = total + (ds.similarity * weight).fillna(0.0)
+        squares = squares + ((ds.similarity_std**2 + ds.similarity**2) * weight).fillna(0.0)
+        count = count + weight
+    mean = total / count
+    out = items[0].reindex(distance=distances).copy()
+    out["similarity"] = mean.assign_attrs(items[0].similarity.attrs)
+    out["similarity_std"] = np.sqrt(np.maximum(squares / count - mean**2, 0.0)).assign_attrs(
+        items[0].similarity_std.attrs)
+    out = out.assign_coords(n_pairs=("distance", count.values.astype(np.int64), items[0].n_pairs.attrs))
+    out.attrs["n_prompts"] = int(sum(int(ds.attrs.get("n_prompts", 0)) for ds in items))
+    out.attrs.pop("prompts", None)  # provenance of one part only
+    return out
 
 
 @hookimpl

@@ -28,7 +28,7 @@ _HOME = {
     **dict.fromkeys(('streamed_layout',), 'probescope.architectures.streamed'),
     **dict.fromkeys(('ConfigError', 'Failure', 'ModelLoadError', 'PluginError', 'Problem', 'ProbescopeError', 'ProbescopeWarning', 'RunFailed', 'SiteError'), 'probescope.errors'),
     **dict.fromkeys(('THUMBNAIL_SIDE', 'TOKEN_KINDS', 'Batch', 'Prompt', 'thumbnails', 'token_kind_codes'), 'probescope.inputs'),
-    **dict.fromkeys(('EMBED', 'EMBED_LAYER', 'LAST', 'Block', 'Layer', 'layer_label', 'layer_problems', 'resolve_layer', 'resolve_layers'), 'probescope.layers'),
+    **dict.fromkeys(('EMBED', 'EMBED_LAYER', 'LAST', 'Block', 'Layer', 'distinct_layers', 'layer_label', 'layer_problems', 'resolve_layer', 'resolve_layers'), 'probescope.layers'),
     **dict.fromkeys(('LoadedModel', 'ModelInfo', 'is_model_folder', 'load_weights', 'read_config'), 'probescope.models'),
     **dict.fromkeys(('ModelEntry',), 'probescope.config'),
     **dict.fromkeys(('ConfigPath', 'Parameters', 'distinct'), 'probescope.params'),
@@ -54,7 +54,7 @@ __all__ = [
     "ModelEntry", "read_config", "load_weights", "is_model_folder", "lazy_import",
     # layers
     "Layer", "Block", "EMBED", "LAST", "EMBED_LAYER", "resolve_layer", "resolve_layers", "layer_problems",
-    "layer_label",
+    "layer_label", "distinct_layers",
     # sites and architectures
     "ArchitectureAdapter", "Component", "Features", "Site", "SiteRef",
     "COMPONENTS", "component", "embed", "resid", "resid_mid", "attention", "head_output", "mlp_hidden",

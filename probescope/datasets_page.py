@@ -1,7 +1,8 @@
 """``docs/datasets.md``: its schema sections are generated from the probes' schemas, the
 prose around them is written by hand.
 
-Each section sits between ``<!-- schema: PROBE -->`` and ``<!-- /schema -->``; rewrite
+Each section sits between ``<!-- schema: PROBE -->`` (``PROBE.FORM`` for a probe's other
+form) and ``<!-- /schema -->``; rewrite
 them all with::
 
     python -m probescope.datasets_page docs/datasets.md
@@ -21,12 +22,17 @@ _SECTION = re.compile(r"(<!-- schema: (?P<probe>[\w.-]+) -->\n).*?(<!-- /schema 
 
 
 def builtin_schemas() -> dict[str, DatasetSchema]:
-    """The schemas of the probes probescope ships, by probe name."""
+    """The schemas of the probes probescope ships, by probe name; a probe's other forms
+    (:attr:`probescope.Probe.forms`) as ``PROBE.FORM``."""
     from probescope.plugins.manager import load_registry
 
     entries = load_registry().entries["probe"]
-    return {name: e.obj.schema for name, e in sorted(entries.items())
-            if e.origin.package == "probescope" and getattr(e.obj, "schema", None) is not None}
+    out = {}
+    for name, e in sorted(entries.items()):
+        if e.origin.package == "probescope" and getattr(e.obj, "schema", None) is not None:
+            out[name] = e.obj.schema
+            out.update({f"{name}.{form}": schema for form, schema in getattr(e.obj, "forms", {}).items()})
+    return out
 
 
 #: The model and results folder the page's examples read; the test that runs the page's
@@ -35,12 +41,21 @@ EXAMPLE_RESULTS = "results"
 EXAMPLE_MODEL = "gpt2"
 
 
+def example_entry(section: str) -> str:
+    """The probe entry a section's example opens: the probe's name, or for a probe's
+    other form (``PROBE.FORM``) an entry named ``PROBE_FORM`` made with ``form = "FORM"``."""
+    return section.replace(".", "_")
+
+
 def reading_example(probe: str) -> str:
     """The Python block that ends each probe's section: how to open its dataset (the
     section's other examples use the ``ds`` it opens)."""
-    return (f"Open one (a run writes `DIR/MODEL/ENTRY.nc`; here the `{probe}` entry of the model "
+    entry = example_entry(probe)
+    what = f"the `{entry}` entry" if entry == probe else \
+        f'the `{entry}` entry, made with `form = "{probe.partition(".")[2]}"`,'
+    return (f"Open one (a run writes `DIR/MODEL/ENTRY.nc`; here {what} of the model "
             f"`{EXAMPLE_MODEL}`):\n\n```python\nimport probescope\n\n"
-            f'ds = probescope.load("{EXAMPLE_RESULTS}/{EXAMPLE_MODEL}/{probe}.nc")   # xarray.open_dataset reads it too\n'
+            f'ds = probescope.load("{EXAMPLE_RESULTS}/{EXAMPLE_MODEL}/{entry}.nc")   # xarray.open_dataset reads it too\n'
             "```\n")
 
 

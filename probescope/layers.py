@@ -55,6 +55,16 @@ def resolve_layers(layers: Optional[Sequence[Union[int, str]]], num_layers: int)
     return list(dict.fromkeys(resolve_layer(layer, num_layers) for layer in layers))
 
 
+def distinct_layers(layers: Optional[Sequence[Union[int, str]]]) -> Optional[Sequence[Union[int, str]]]:
+    """A ``layers`` parameter's validator: None, or layers none of which is listed twice,
+    ``-1`` and ``"last"`` counting as the same block (as :func:`probescope.distinct`)."""
+    from probescope.params import distinct
+
+    if layers is None:
+        return None
+    return distinct(tuple(-1 if layer == LAST else layer for layer in layers)) and layers
+
+
 def layer_problems(layers: Optional[Sequence[Union[int, str]]], num_layers: int,
                    key: str = "layers", *, embed: bool = False) -> list[Problem]:
     """A :class:`Problem` at ``key[i]`` for each configured layer a model of

@@ -28,7 +28,7 @@ residual streams).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Hashable, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Hashable, Mapping, Optional
 
 from probescope.architectures.base import SiteRef
 from probescope.errors import Problem
@@ -95,7 +95,8 @@ class Probe:
     """Base class for probes. Register instances through ``register_probes``.
 
     Subclasses set :attr:`name`, :attr:`version`, :attr:`description`, :attr:`Parameters`
-    and :attr:`schema` (their dataset's :class:`~probescope.DatasetSchema`) and implement
+    and :attr:`schema` (their dataset's :class:`~probescope.DatasetSchema`; with
+    :attr:`forms` and :meth:`schema_for` when a parameter changes its shape) and implement
     :meth:`build`; probes that read activations also implement :meth:`reads`.
     """
 
@@ -110,6 +111,14 @@ class Probe:
     #: runner batches prompts sorted by length (less padding, same results). Off by
     #: default, so a probe that takes batch rows to be prompts in order stays right.
     any_prompt_order: ClassVar[bool] = False
+    #: Schemas of the other shapes a parameter can give the dataset, by form name
+    #: (token_similarity's ``form = "by_distance"``); :meth:`schema_for` picks one.
+    forms: ClassVar[Mapping[str, "DatasetSchema"]] = {}
+
+    def schema_for(self, params: Any) -> Optional["DatasetSchema"]:
+        """The schema of the dataset :meth:`build` makes with ``params``: :attr:`schema`,
+        unless a parameter selects one of :attr:`forms`."""
+        return self.schema
 
     def check(self, params: Any, model: "ModelInfo") -> list[Problem]:
         """Problems with ``params`` for this particular model, found before weights load

@@ -39,7 +39,7 @@ from typing import Any, Optional, Sequence
 from pydantic import Field, field_validator, model_validator
 
 from probescope import (
-    EMBED, EMBED_LAYER, Layer, Problem, Renderer, RendererError, RendererParameters, add_title, coord_text, distinct,
+    EMBED, EMBED_LAYER, Layer, Problem, Renderer, RendererError, RendererParameters, add_title, coord_text, distinct_layers,
     clean_token, hookimpl, index_values, known_colormap, layer_label, resolve_layer, resolve_layers, lazy_import,
 )
 from probescope.probes.token_similarity import SCHEMA
@@ -155,9 +155,7 @@ class SimilarityGridParameters(RendererParameters):
     @field_validator("layers")
     @classmethod
     def _check_layers(cls, layers: Optional[tuple[Any, ...]]) -> Optional[tuple[Any, ...]]:
-        if layers is None:
-            return None
-        return distinct(tuple(-1 if layer == "last" else layer for layer in layers)) and layers
+        return distinct_layers(layers)
 
     @field_validator("cmap")
     @classmethod
@@ -220,6 +218,10 @@ class SimilarityGridRenderer(Renderer):
     def check(self, params, *, prompts, probe_params, model):
         """The prompt must be one of the run's, and every layer one the probe reads."""
         problems = []
+        if getattr(probe_params, "form", "full") != "full":
+            problems.append(Problem("probe", f'similarity_grid draws every pair of tokens of one prompt, which '
+                                             f'token_similarity\'s form = "{probe_params.form}" does not keep: '
+                                             'draw it with similarity_by_distance, or give the probe form = "full"'))
         if params.prompt >= len(prompts):
             problems.append(Problem("prompt", f"prompt {params.prompt} is out of range: the run has "
                                               f"{len(prompts)} prompts (0 to {len(prompts) - 1})"))
@@ -249,6 +251,11 @@ class SimilarityGridRenderer(Renderer):
             ``token_similarity`` result, a prompt or layer a model does not have.
         """
         params = self.parameters(params)
+        for index, ds in enumerate([datasets] if isinstance(datasets, xr.Dataset) else list(datasets or [])):
+            if isinstance(ds, xr.Dataset) and "distance" in ds.dims:
+                raise self.Error(f'dataset {index} holds token_similarity\'s form = "by_distance" summary (a mean per '
+                                 "layer and distance), not every pair of tokens of each prompt: draw it with "
+                                 'similarity_by_distance, or run the probe with form = "full"')
         rows = _rows(self.models(datasets, needs=("similarity",)), params)
         metric = _metric_label(rows)
         norm = _norm(rows, params)

@@ -129,7 +129,7 @@ CASES = [
     Case("unknown-probe", edit(lambda t: replace(t, 'use = "token_similarity"', 'use = "nope"')),
          "probes[0].use", ["unknown probe 'nope'", "available: component_norm, head_classifier, token_similarity"]),
     Case("unknown-renderer", edit(lambda t: replace(t, 'use = "similarity_grid"', 'use = "grid"')),
-         "renderers[0].use", ["unknown renderer 'grid'", "available: component_heatmap, head_category_map, similarity_grid"]),
+         "renderers[0].use", ["unknown renderer 'grid'", "available: component_heatmap, head_category_map, similarity_by_distance, similarity_grid"]),
     Case("unknown-probe-parameter", edit(lambda t: with_probe_key(t, "layer = 2")),
          "probes[0]", ["unknown key 'layer'", "token_similarity takes layers, metric"]),
     Case("unknown-renderer-parameter", edit(lambda t: with_renderer_key(t, 'colour = "red"')),

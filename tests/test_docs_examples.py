@@ -106,6 +106,8 @@ def example_results(model_dirs, tmp_path_factory):
                    {"name": "llama", "path": str(model_dirs["llama"])}],
         "inputs": {"prompts": PROMPTS, "batch_size": 2},
         "probes": [{"use": "token_similarity", "layers": ["embed", 0, "last"], "models": ["gpt2"]},
+                   {"use": "token_similarity", "name": datasets_page.example_entry("token_similarity.by_distance"),
+                    "form": "by_distance", "models": ["gpt2"]},
                    {"use": "component_norm"},
                    {"use": "head_classifier", "builtin_relations": True, "min_pairs": 1, "models": ["gpt2"]}],
         "output": {"dir": str(folder / datasets_page.EXAMPLE_RESULTS)},

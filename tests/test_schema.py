@@ -25,6 +25,7 @@ def built(gpt2, tokenizer, tmp_path_factory):
     no reference), from a tiny GPT-2 with padding in the batch."""
     probes = [
         {"use": "token_similarity", "layers": ["embed", 0, "last"]},
+        {"use": "token_similarity", "name": "by_distance", "layers": ["embed", 0], "form": "by_distance"},
         {"use": "component_norm", "name": "activation"},
         {"use": "component_norm", "name": "weights", "statistic": "weight_norm"},
         {"use": "component_norm", "name": "gradients", "statistic": "grad_norm"},
@@ -40,16 +41,28 @@ def schema_of(name: str) -> DatasetSchema:
     return datasets_page.builtin_schemas()[name]
 
 
-@pytest.mark.parametrize("entry", ["token_similarity", "activation", "weights", "gradients", "head_classifier"])
+def schema_of_dataset(ds: xr.Dataset) -> DatasetSchema:
+    """The schema the probe says its parameters give (``Probe.schema_for``)."""
+    from probescope.plugins.manager import load_registry
+    from probescope.results import parameters
+
+    probe = load_registry().get("probe", ds.attrs["probe"])
+    return probe.schema_for(probe.Parameters(**parameters(ds)))
+
+
+@pytest.mark.parametrize("entry", ["token_similarity", "by_distance", "activation", "weights", "gradients",
+                                   "head_classifier"])
 def test_build_output_fits_its_schema_exactly(built, entry):
     ds = built[entry]
-    schema = schema_of(ds.attrs["probe"])
+    schema = schema_of_dataset(ds)
     assert schema.problems(ds, strict=True) == []
+    others = [s for s in datasets_page.builtin_schemas().values() if s is not schema and s.probe == schema.probe]
+    assert all(other.problems(ds, strict=True) for other in others)  # one probe's forms are told apart
 
 
 def test_saved_and_combined_datasets_fit_what_renderers_need(built, tmp_path):
     for entry, ds in built.items():
-        schema = schema_of(ds.attrs["probe"])
+        schema = schema_of_dataset(ds)
         path = tmp_path / f"{entry}.nc"
         save(ds, path)
         again = probescope.load(path)
@@ -61,7 +74,7 @@ def test_saved_and_combined_datasets_fit_what_renderers_need(built, tmp_path):
 
 def test_every_builtin_probe_declares_a_schema():
     names = set(datasets_page.builtin_schemas())
-    assert names == {"token_similarity", "component_norm", "head_classifier"}
+    assert names == {"token_similarity", "token_similarity.by_distance", "component_norm", "head_classifier"}
 
 
 SMALL = DatasetSchema(
@@ -118,7 +131,8 @@ def test_a_renderer_check_names_every_problem_and_the_probe():
 
 def test_datasets_page_is_generated_from_the_schemas():
     page = (ROOT / "docs" / "datasets.md").read_text()
-    assert datasets_page.sections(page) == ["token_similarity", "component_norm", "head_classifier"]
+    assert datasets_page.sections(page) == ["token_similarity", "token_similarity.by_distance", "component_norm",
+                                            "head_classifier"]
     assert page == datasets_page.update_page(page), (
         "docs/datasets.md is out of date: run `python -m probescope.datasets_page docs/datasets.md`")
 

@@ -128,3 +128,98 @@ def test_centre_without_first_token_matches_plain_computation():
     assert plain[0, 2:, 1].min() > 0.99 and got[0, 2:, 1].max() < 0.9
     one = similarity_matrix(h[:, :1], mask[:, :1], "centred_cosine", centre_without_first_token=True)
     assert one.shape == (2, 1, 1)  # a one-token prompt keeps its only token in the mean
+
+
+# --------------------------------------------------------------------------------------
+# form = "by_distance": the mean per layer and token distance, over every pair of every prompt
+
+SKEWED = PROMPTS + ["Hi", "one two three four five six seven eight nine ten eleven twelve thirteen"]
+
+
+def reference_by_distance(model, tokenizer, prompts, layers, metric="cosine"):
+    """Mean, standard deviation and count of the plain pairwise similarities at each
+    distance i - j >= 0, pooled over every prompt (unpadded, one at a time)."""
+    pooled: dict[int, dict[int, list[float]]] = {layer: {} for layer in layers}
+    for prompt in prompts:
+        states = reference_hidden(model, tokenizer, prompt)
+        for layer in layers:
+            sims = reference_similarity(states[layer + 1], metric)
+            n = sims.shape[0]
+            for i in range(n):
+                for j in range(i + 1):
+                    pooled[layer].setdefault(i - j, []).append(sims[i, j])
+    distances = sorted(pooled[layers[0]])
+    mean = np.array([[np.mean(pooled[layer][d]) for d in distances] for layer in layers])
+    std = np.array([[np.std(pooled[layer][d]) for d in distances] for layer in layers])
+    counts = [len(pooled[layers[0]][d]) for d in distances]
+    return distances, mean, std, counts
+
+
+def by_distance(model, tokenizer, prompts=SKEWED, layers=("embed", 0, -1), metric="cosine", batch_size=3, **extra):
+    cfg = {"inputs": {"prompts": list(prompts), "batch_size": batch_size},
+           "probes": [{"use": "token_similarity", "layers": list(layers), "metric": metric, "form": "by_distance",
+                       **extra}]}
+    return probescope.run(cfg, models={"m": (model, tokenizer)}, write=False)["m"]["token_similarity"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("metric", ["cosine", "centred_cosine"])
+def test_by_distance_matches_plain_pairwise_means(family, metric, request, tokenizer):
+    model = request.getfixturevalue(family)
+    bare = copy.deepcopy(model)
+    ds = by_distance(model, tokenizer, metric=metric)
+    lengths = [len(tokenizer(p)["input_ids"]) for p in SKEWED]
+    assert len(set(lengths)) == len(SKEWED) and min(lengths) <= 2  # padded batches, a very short prompt
+
+    distances, mean, std, counts = reference_by_distance(bare, tokenizer, SKEWED, [-1, 0, 2], metric)
+    assert ds.similarity.dims == ("layer", "distance") and list(ds.layer.values) == [-1, 0, 2]
+    assert list(ds.distance.values) == distances == list(range(max(lengths)))
+    # every real pair counted once, padding never: sum over prompts of n - d
+    assert list(ds.n_pairs.values) == counts == [sum(max(n - d, 0) for n in lengths) for d in distances]
+    np.testing.assert_allclose(ds.similarity.values, mean, atol=1e-5)
+    np.testing.assert_allclose(ds.similarity_std.values, std, atol=1e-5)
+    assert ds.attrs["form"] == "by_distance" and ds.attrs["n_prompts"] == len(SKEWED)
+    assert ds.attrs["metric"] == metric
+
+
+def test_by_distance_does_not_depend_on_batching(gpt2, tokenizer):
+    one = by_distance(gpt2, tokenizer, batch_size=1)
+    every = by_distance(gpt2, tokenizer, batch_size=len(SKEWED))
+    np.testing.assert_allclose(one.similarity.values, every.similarity.values, atol=1e-6)
+    assert (one.n_pairs.values == every.n_pairs.values).all()
+
+
+def test_by_distance_of_one_token_prompts_is_the_diagonal(gpt2, tokenizer):
+    ds = by_distance(gpt2, tokenizer, prompts=["The", "a"], layers=[0])
+    assert list(ds.distance.values) == [0] and list(ds.n_pairs.values) == [2]
+    np.testing.assert_allclose(ds.similarity.values, [[1.0]], atol=1e-6)
+    np.testing.assert_allclose(ds.similarity_std.values, [[0.0]], atol=1e-6)
+
+
+def test_by_distance_of_constant_hidden_states(tokenizer):
+    """Identical token embeddings and no position embedding (Llama): every hidden state
+    is the same, so cosine is 1 at every distance and centred cosine 0 (every centred
+    vector is zero, and a zero vector's cosine is 0, not NaN)."""
+    model = probescope.demo.build_llama(tokenizer, layers=1, width=16, heads=2, kv_heads=1, seed=0)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:] = 1.0
+    plain = by_distance(model, tokenizer, prompts=PROMPTS, layers=["embed"])
+    np.testing.assert_allclose(plain.similarity.values, 1.0, atol=1e-6)
+    centred = by_distance(model, tokenizer, prompts=PROMPTS, layers=["embed"], metric="centred_cosine")
+    np.testing.assert_allclose(centred.similarity.values, 0.0, atol=1e-6)
+
+
+def test_pooled_summaries_equal_one_run_over_every_prompt(gpt2, tokenizer):
+    from probescope.probes.token_similarity import pool_by_distance
+
+    whole = by_distance(gpt2, tokenizer)
+    parts = [by_distance(gpt2, tokenizer, prompts=SKEWED[:2]), by_distance(gpt2, tokenizer, prompts=SKEWED[2:])]
+    assert parts[0].sizes["distance"] != parts[1].sizes["distance"]  # aligned by distance, not position
+    pooled = pool_by_distance(parts)
+    assert list(pooled.distance.values) == list(whole.distance.values)
+    assert list(pooled.n_pairs.values) == list(whole.n_pairs.values)
+    np.testing.assert_allclose(pooled.similarity.values, whole.similarity.values, atol=1e-9)
+    np.testing.assert_allclose(pooled.similarity_std.values, whole.similarity_std.values, atol=1e-7)
+    assert pooled.attrs["n_prompts"] == len(SKEWED)
+    with pytest.raises(ValueError, match="same layers"):
+        pool_by_distance([whole, by_distance(gpt2, tokenizer, layers=[0])])
