@@ -61,7 +61,7 @@ def test_run_writes_datasets_and_figure_that_reload_identically(model_dirs, writ
     assert attrs["architecture"] == "gpt2" and attrs["dtype"] == "float32"
     assert attrs["probe"] == "token_similarity" and attrs["probescope_version"] == probescope.__version__
     assert probescope.results.parameters(reread) == {"layers": ["embed", 0, -1], "metric": "cosine",
-                                                       "centre_without_first_token": False}
+                                                       "centre_without_first_token": False, "form": "full"}
 
 
 def test_api_returns_exactly_what_it_saves(model_dirs, tmp_path, monkeypatch):
