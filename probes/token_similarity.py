@@ -3,7 +3,14 @@
 Answers "do token representations become more alike with depth?" (the token similarity grid).
 For each prompt and chosen layer, the similarity of token i's residual stream with each
 token j <= i (causal: a token only sees its past), computed inside the trace so that
-only a (token x token) matrix per prompt and layer leaves it.
+only those pairs' similarities leave it.
+
+The full form is stored ragged, as a list of pairs: a ``pair`` dimension running through
+every kept pair ``(i, j)`` of every prompt, prompt by prompt (the CF convention's
+contiguous ragged array: ``n_pairs`` per prompt counts them), each labelled with its
+``pair_prompt``, ``pair_token`` (i) and ``pair_context_token`` (j). Its size follows the
+real token pairs, never the longest prompt of the run; :func:`prompt_matrix` gives one
+prompt's ``(layer, token, context_token)`` matrix back.
 
 With ``form = "by_distance"`` only a summary leaves the trace: per layer and token
 distance ``i - j``, the sum, sum of squares and count of the similarities of every real
@@ -68,8 +75,8 @@ SCHEMA = DatasetSchema(
     dims={
         "prompt": "the run's prompts, in order",
         "layer": "the layers read: block index from 0; -1 is the embedding output",
-        "token": "position i of the token compared",
-        "context_token": "position j of the earlier (or same) token it is compared with",
+        "token": "token position in a prompt",
+        "pair": "every pair (i, j) of tokens kept, of every prompt: prompt by prompt, then i, then j",
         "pixel_row": "rows of a prompt's image thumbnail (prompts with images only)",
         "pixel_column": "columns of a prompt's image thumbnail (prompts with images only)",
         "channel": "colour channels of the thumbnail",
@@ -88,17 +95,21 @@ SCHEMA = DatasetSchema(
         "layer": Variable(("layer",), "int64", "block index; -1 the embedding output (the residual stream entering block 0)"),
         "layer_label": Variable(("layer",), "str", '"embed" or the block index'),
         "token": Variable(("token",), "int64", "token position"),
-        "context_token": Variable(("context_token",), "int64", "token position"),
-        "token_text": Variable(("prompt", "token"), "str", 'the token as text; "" on padding'),
-        "token_id": Variable(("prompt", "token"), "int64", "the token's id; -1 on padding"),
-        "context_token_text": Variable(("prompt", "context_token"), "str", "token_text along context_token"),
+        "token_text": Variable(("prompt", "token"), "str", 'the token as text; "" past the prompt\'s end'),
+        "token_id": Variable(("prompt", "token"), "int64", "the token's id; -1 past the prompt's end"),
+        "n_pairs": Variable(("prompt",), "int64", "pairs of the prompt, stored one after another along pair "
+                                                 "(CF: the count variable of a contiguous ragged array)"),
+        "pair": Variable(("pair",), "int64", "pair index"),
+        "pair_prompt": Variable(("pair",), "int32", "the prompt the pair is of"),
+        "pair_token": Variable(("pair",), "int32", "position i of the token compared"),
+        "pair_context_token": Variable(("pair",), "int32", "position j of the earlier (or same) token it is compared with"),
         "token_kind": Variable(("prompt", "token"), "int8",
-                               "text, image (the model's image token) or special; -1 on padding", flags=True),
+                               "text, image (the model's image token) or special; -1 past the prompt's end", flags=True),
     },
     variables={
-        "similarity": Variable(("prompt", "layer", "token", "context_token"), "float32",
-                               "similarity of token i's hidden state with token j's, for j <= i; NaN for j > i and over "
-                               "padding (with a bidirectional prefix, j > i is kept among its tokens)"),
+        "similarity": Variable(("layer", "pair"), "float32",
+                               "similarity of token i's hidden state with token j's, for every pair j <= i of real "
+                               "tokens (with a bidirectional prefix, j > i too among its tokens)"),
         "thumbnail": Variable(("prompt", "pixel_row", "pixel_column", "channel"), "uint8",
                               "each prompt's image, RGB, padded with 0 beyond its thumbnail size", optional=True),
     },
@@ -174,6 +185,96 @@ def kept_pairs(mask: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.
     return causal & mask.unsqueeze(2) & mask.unsqueeze(1)
 
 
+def pair_count(n: int, prefix: int = 0) -> int:
+    """How many pairs a prompt of ``n`` tokens keeps: j <= i, and j > i among its first
+    ``prefix`` tokens (a bidirectional prefix)."""
+    return n * (n + 1) // 2 + prefix * (prefix - 1) // 2 if prefix else n * (n + 1) // 2
+
+
+def pair_positions(n: int, prefix: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(i, j)`` of the pairs a prompt of ``n`` tokens keeps, in the order the dataset
+    stores them (and :func:`kept_pairs` selects them): by i, then j."""
+    keep = np.tri(n, dtype=bool)
+    keep[:prefix, :prefix] = True
+    i, j = np.nonzero(keep)
+    return i.astype(np.int32), j.astype(np.int32)
+
+
+def prompt_matrix(ds: xr.Dataset, prompt: int) -> xr.DataArray:
+    """One prompt's similarities as a ``(layer, token, context_token)`` matrix of its real
+    tokens, NaN where no pair is kept (j > i), token texts on both axes.
+
+    Reads both layouts: the pair list (``similarity`` along ``pair``) and the dense one
+    files written before it hold (``(prompt, layer, token, context_token)``, padded to
+    the longest prompt). ``prompt`` is the value of the ``prompt`` coordinate.
+    """
+    one = ds.sel(prompt=prompt) if "prompt" in ds.coords else ds.isel(prompt=prompt)
+    sim = ds["similarity"]
+    if "pair" not in sim.dims:  # the dense layout
+        n = _real_tokens(one)
+        dense = one["similarity"].transpose("layer", "token", "context_token")
+        values = np.asarray(dense.values)[:, :n, :n]
+    else:
+        where = np.flatnonzero(np.asarray(ds["pair_prompt"].values) == prompt)
+        i = np.asarray(ds["pair_token"].values)[where].astype(np.intp)
+        j = np.asarray(ds["pair_context_token"].values)[where].astype(np.intp)
+        n = _real_tokens(one) if ("n_tokens" in one.coords or "token_id" in one.coords) else int(i.max(initial=-1)) + 1
+        flat = np.asarray(sim.transpose("layer", "pair").values)[:, where]
+        values = np.full((sim.sizes["layer"], n, n), np.nan, dtype=flat.dtype if flat.dtype.kind == "f" else float)
+        values[:, i, j] = flat
+    coords = {"layer": ds["layer"].values, "token": np.arange(n), "context_token": np.arange(n)}
+    if "layer_label" in ds.coords:
+        coords["layer_label"] = ("layer", ds["layer_label"].values)
+    if "token_text" in one.coords:
+        texts = np.asarray(one["token_text"].values)[:n]
+        coords["token_text"] = ("token", texts)
+        coords["context_token_text"] = ("context_token", texts.copy())
+    return xr.DataArray(values, dims=("layer", "token", "context_token"), coords=coords, attrs=dict(sim.attrs),
+                        name="similarity")
+
+
+def _real_tokens(one: xr.Dataset) -> int:
+    """A prompt's real tokens: ``n_tokens``, else the ids that are not padding, else every position."""
+    if "n_tokens" in one.coords:
+        return int(one["n_tokens"].values)
+    if "token_id" in one.coords:
+        return int((np.asarray(one["token_id"].values) >= 0).sum())
+    return int(one.sizes["token"])
+
+
+def as_pairs(ds: xr.Dataset) -> xr.Dataset:
+    """A full-form dataset in the pair layout: unchanged if it is already, else (a file
+    written by an earlier probescope, dense and padded to the longest prompt) converted,
+    keeping every value of every real pair."""
+    if "similarity" not in ds or "context_token" not in ds["similarity"].dims:
+        return ds
+    prompts = [int(v) for v in ds["prompt"].values] if "prompt" in ds.coords else list(range(ds.sizes["prompt"]))
+    lengths = [_real_tokens(ds.isel(prompt=k)) for k in range(len(prompts))]
+    prefixes = ([int(v) for v in ds["n_prefix_tokens"].values] if "n_prefix_tokens" in ds.coords
+                else [0] * len(prompts))
+    dense = np.asarray(ds["similarity"].transpose("prompt", "layer", "token", "context_token").values)
+    parts, tokens, contexts, owners, counts = [], [], [], [], []
+    for k, (p, n, prefix) in enumerate(zip(prompts, lengths, prefixes)):
+        i, j = pair_positions(n, prefix)
+        parts.append(dense[k][:, i, j])
+        tokens.append(i)
+        contexts.append(j)
+        owners.append(np.full(len(i), p, dtype=np.int32))
+        counts.append(len(i))
+    values = np.concatenate(parts, axis=1) if parts else np.zeros((ds.sizes["layer"], 0), np.float32)
+    out = ds.drop_vars(["similarity", "context_token", "context_token_text"], errors="ignore")
+    out = out.drop_dims("context_token", errors="ignore")
+    out["similarity"] = (("layer", "pair"), values, dict(ds["similarity"].attrs))
+    pair_prompt = np.concatenate(owners) if owners else np.zeros(0, np.int32)
+    return out.assign_coords(
+        n_pairs=("prompt", np.array(counts, dtype=np.int64), {"sample_dimension": "pair"}),
+        pair=("pair", np.arange(len(pair_prompt), dtype=np.int64)),
+        pair_prompt=("pair", pair_prompt),
+        pair_token=("pair", np.concatenate(tokens) if tokens else np.zeros(0, np.int32)),
+        pair_context_token=("pair", np.concatenate(contexts) if contexts else np.zeros(0, np.int32)),
+    )
+
+
 def distance_totals(sims: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``(3, 2 * token - 1)`` float64: the sum, the sum of squares and the number of the
     kept similarities of a ``(batch, token, token)`` batch at each token distance i - j,
@@ -212,10 +313,14 @@ class TokenSimilarity(Probe):
         def matrix(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
             return similarity_matrix(hidden, batch.mask, metric, skip_first, batch.prefix_mask)
 
+        def pairs(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+            # Only the kept pairs leave the pass, in the order the dataset stores them.
+            return matrix(hidden, batch)[kept_pairs(batch.mask, batch.prefix_mask)]
+
         def totals(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
             return distance_totals(matrix(hidden, batch), kept_pairs(batch.mask, batch.prefix_mask))
 
-        reduce = totals if params.form == "by_distance" else matrix
+        reduce = totals if params.form == "by_distance" else pairs
 
         return [
             Read(layer, embed() if layer == EMBED_LAYER else resid(layer), reduce)
@@ -227,11 +332,25 @@ class TokenSimilarity(Probe):
             return _by_distance(params, run)
         layers = resolve_layers(params.layers, run.model.info.num_layers)
         width = max(len(p) for p in run.prompts)
-        values = np.full((len(run.prompts), len(layers), width, width), np.nan, dtype=np.float32)
+        counts = np.array([pair_count(len(p), p.prefix) for p in run.prompts], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        values = np.empty((len(layers), int(counts.sum())), dtype=np.float32)
         for li, layer in enumerate(layers):
-            for matrix, batch in zip(run.reductions[layer], run.batches):
-                t = matrix.shape[1]  # batches may run in any order: rows go to their prompts
-                values[[p.index for p in batch.prompts], li, :t, :t] = matrix.float().numpy()
+            per_batch = run.reductions[layer]
+            for batch, flat in zip(run.batches, per_batch):
+                flat, at = flat.float().numpy(), 0
+                for prompt in batch.prompts:  # batches may hold prompts in any order
+                    n = counts[prompt.index]
+                    values[li, starts[prompt.index] : starts[prompt.index] + n] = flat[at : at + n]
+                    at += n
+            per_batch.clear()  # this layer's batches are copied: let them go before the next
+        pair_prompt = np.repeat(np.arange(len(run.prompts), dtype=np.int32), counts)
+        pair_token = np.empty(len(pair_prompt), dtype=np.int32)
+        pair_context = np.empty(len(pair_prompt), dtype=np.int32)
+        for p in run.prompts:
+            i, j = pair_positions(len(p), p.prefix)
+            pair_token[starts[p.index] : starts[p.index] + len(i)] = i
+            pair_context[starts[p.index] : starts[p.index] + len(j)] = j
 
         texts = np.full((len(run.prompts), width), "", dtype=object)
         ids = np.full((len(run.prompts), width), -1, dtype=np.int64)
@@ -241,14 +360,13 @@ class TokenSimilarity(Probe):
         positions = np.arange(width)
         label = _LABELS[params.metric]
         bidirectional = _bidirectional(run)
-        description = ("similarity of token i's hidden state with context token j <= i; NaN above the "
-                       "diagonal and over padding")
+        description = ("similarity of token i's hidden state (pair_token) with context token j <= i's "
+                       "(pair_context_token), for every pair of real tokens of every prompt (pair_prompt)")
         if bidirectional:
             description += ("; the first n_prefix_tokens tokens (image and prompt) attend to each other "
                             "both ways, so among them j > i is kept too")
         variables: dict = {
-            "similarity": (("prompt", "layer", "token", "context_token"), values,
-                           {"long_name": label, "description": description}),
+            "similarity": (("layer", "pair"), values, {"long_name": label, "description": description}),
         }
         coords: dict = {}
         images = thumbnails(run.prompts)
@@ -267,7 +385,7 @@ class TokenSimilarity(Probe):
         if bidirectional:
             coords["n_prefix_tokens"] = ("prompt", np.array([p.prefix for p in run.prompts], dtype=np.int64),
                                          {"description": "leading tokens that attend both ways"})
-        return xr.Dataset(
+        ds = xr.Dataset(
             variables,
             coords={
                 "prompt": np.arange(len(run.prompts)),
@@ -281,18 +399,28 @@ class TokenSimilarity(Probe):
                                           "the residual stream entering block 0"}),
                 "layer_label": ("layer", np.array([layer_label(layer) for layer in layers], dtype=object)),
                 "token": ("token", positions, {"description": "token position"}),
-                "context_token": ("context_token", positions, {"description": "position of the earlier (or same) token compared with"}),
                 "token_text": (("prompt", "token"), texts),
-                "token_id": (("prompt", "token"), ids, {"description": "-1 on padding"}),
-                "context_token_text": (("prompt", "context_token"), texts.copy()),
+                "token_id": (("prompt", "token"), ids, {"description": "-1 past the prompt's end"}),
+                "n_pairs": ("prompt", counts, {"sample_dimension": "pair",
+                                               "description": "pairs of the prompt, one after another along pair"}),
+                "pair": ("pair", np.arange(len(pair_prompt), dtype=np.int64)),
+                "pair_prompt": ("pair", pair_prompt, {"description": "the prompt the pair is of"}),
+                "pair_token": ("pair", pair_token, {"description": "position i of the token compared"}),
+                "pair_context_token": ("pair", pair_context,
+                                       {"description": "position j of the earlier (or same) token compared with"}),
                 "token_kind": (("prompt", "token"), token_kind_codes(run.prompts, width),
                                {"long_name": "token kind", "flag_values": np.arange(len(TOKEN_KINDS), dtype=np.int8),
                                 "flag_meanings": " ".join(TOKEN_KINDS),
                                 "description": "text, image (the model's image token) or special (other "
-                                               "special and added tokens); -1 on padding"}),
+                                               "special and added tokens); -1 past the prompt's end"}),
             },
             attrs={**_attrs(params, bidirectional), "form": "full"},
         )
+        # On disk the pair labels (runs and ramps of small integers) shrink to almost
+        # nothing under zlib; the similarities a little.
+        for name in ("similarity", "pair", "pair_prompt", "pair_token", "pair_context_token"):
+            ds.variables[name].encoding.update(zlib=True, complevel=1, shuffle=True)
+        return ds
 
 
 def _bidirectional(run: ProbeRun) -> bool:

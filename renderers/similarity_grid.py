@@ -39,10 +39,11 @@ from typing import Any, Optional, Sequence
 from pydantic import Field, field_validator, model_validator
 
 from probescope import (
-    EMBED, EMBED_LAYER, Layer, Problem, Renderer, RendererError, RendererParameters, add_title, coord_text, distinct_layers,
+    EMBED, EMBED_LAYER, Layer, Problem, Renderer, RendererError, RendererParameters, add_title, check_dataset,
+    coord_text, distinct_layers,
     clean_token, hookimpl, index_values, known_colormap, layer_label, resolve_layer, resolve_layers, lazy_import,
 )
-from probescope.probes.token_similarity import SCHEMA
+from probescope.probes.token_similarity import SCHEMA, as_pairs, prompt_matrix
 
 matplotlib = lazy_import("matplotlib")
 np = lazy_import("numpy")
@@ -256,7 +257,12 @@ class SimilarityGridRenderer(Renderer):
                 raise self.Error(f'dataset {index} holds token_similarity\'s form = "by_distance" summary (a mean per '
                                  "layer and distance), not every pair of tokens of each prompt: draw it with "
                                  'similarity_by_distance, or run the probe with form = "full"')
-        rows = _rows(self.models(datasets, needs=("similarity",)), params)
+        # Files of earlier probescope versions hold the dense layout: read as pairs alike.
+        models = [(model, as_pairs(ds) if "similarity" in ds else ds, combined)
+                  for model, ds, combined in self.models(datasets, needs=())]
+        for model, ds, _ in models:
+            check_dataset(ds, self.schema, model=model, renderer=self.name, error=self.Error, needs=("similarity",))
+        rows = _rows(models, params)
         metric = _metric_label(rows)
         norm = _norm(rows, params)
         return _draw(rows, params, norm, metric)
@@ -312,16 +318,15 @@ def _row(model: str, ds: xr.Dataset, prompt: int) -> _Row:
         )
     pos = indices.index(prompt)
     one = ds.isel(prompt=pos)
+    similarity = prompt_matrix(ds, prompt)  # (layer, token, context_token) of its real tokens
 
-    size = min(ds.sizes["token"], ds.sizes["context_token"])
+    size = similarity.sizes["token"]
     if "n_tokens" in one:
         n = int(one["n_tokens"].values)
     elif "token_id" in one:
         n = int((one["token_id"].values >= 0).sum())
     else:
-        diagonal = np.diagonal(
-            one["similarity"].transpose(..., "token", "context_token").values, axis1=-2, axis2=-1
-        )
+        diagonal = np.diagonal(similarity.values, axis1=-2, axis2=-1)
         n = int(np.isfinite(diagonal).any(axis=0).sum())
     n = min(n, size)
     if n <= 0:
@@ -341,7 +346,6 @@ def _row(model: str, ds: xr.Dataset, prompt: int) -> _Row:
     else:
         labels = [layer_label(v) for v in values]
     layers = list(zip(values, labels))
-    similarity = one["similarity"].transpose("layer", "token", "context_token")
     # The model's depth, for negative layer choices; datasets written without it fall
     # back to the deepest block they hold.
     num_layers = int(ds.attrs.get("num_layers", max([v + 1 for v, lab in layers if lab != "embed"], default=0)))

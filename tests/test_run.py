@@ -153,7 +153,9 @@ def test_unsupported_architecture_needs_the_block_list(tokenizer, tmp_path, writ
     assert main(["run", str(named)]) == 0
     ds = probescope.load(named.parent / "out" / "tiny" / "token_similarity.nc")
     assert ds.attrs["architecture"] == "generic"
-    assert np.isfinite(ds.similarity.isel(prompt=0, layer=1, token=3, context_token=slice(0, 4))).all()
+    from probescope.probes.token_similarity import prompt_matrix
+
+    assert np.isfinite(prompt_matrix(ds, 0).isel(layer=1, token=3, context_token=slice(0, 4))).all()
 
 
 def test_demo_runs_offline(tmp_path, capsys):

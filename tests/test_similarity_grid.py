@@ -499,3 +499,29 @@ def test_pdf_embeds_truetype_fonts_and_svg_keeps_text(renderer, tmp_path):
     assert b"/Subtype /Type3" not in pdf
     svg = save_figure(figure, tmp_path / "grid.svg").read_text()
     assert "<text" in svg and "Layer 0" in svg
+
+
+def test_pair_layout_and_old_dense_files_draw_alike(renderer, two_models, tmp_path):
+    """Files written before the pair layout (dense, padded) still draw, pixel for pixel
+    as the same values stored as pairs; the conversion keeps every real pair, once."""
+    from probescope.probes.token_similarity import as_pairs, prompt_matrix
+
+    pairs = [as_pairs(ds) for ds in two_models]
+    for dense, ragged in zip(two_models, pairs):
+        assert ragged["similarity"].dims == ("layer", "pair") and "context_token" not in ragged.dims
+        lengths = dense.n_tokens.values
+        assert list(ragged.n_pairs.values) == [n * (n + 1) // 2 for n in lengths]
+        assert ragged.sizes["pair"] == sum(n * (n + 1) // 2 for n in lengths)
+        for p, n in enumerate(lengths):
+            np.testing.assert_array_equal(prompt_matrix(ragged, p).values,
+                                          dense.similarity.isel(prompt=p).values[:, :n, :n])
+            np.testing.assert_array_equal(prompt_matrix(dense, p).values, prompt_matrix(ragged, p).values)
+    pairs[1].to_netcdf(tmp_path / "large.nc")
+    with xr.open_dataset(tmp_path / "large.nc") as reread:
+        drawings = [render(renderer, given, prompt=1, layers=[0, 3]) for given in
+                    (two_models, pairs, [two_models[0], reread])]
+        images = [[ax.images[0].get_array() for ax in panels(figure)] for figure in drawings]
+    for other in images[1:]:
+        for a, b in zip(images[0], other):
+            np.testing.assert_array_equal(np.ma.getmaskarray(a), np.ma.getmaskarray(b))
+            np.testing.assert_array_equal(a.filled(0), b.filled(0))

@@ -8,9 +8,11 @@ import copy
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 import probescope
 from conftest import PROMPTS
+from probescope.probes.token_similarity import prompt_matrix
 
 
 def reference_hidden(model, tokenizer, prompt):
@@ -63,21 +65,28 @@ def test_matches_hidden_states(family, metric, request, tokenizer):
 
     assert list(ds.layer.values) == [-1, 0, 1, 2]  # -1 is the embedding output; -1 in config is block 2
     assert list(ds.layer_label.values) == ["embed", "0", "1", "2"]
-    assert ds.similarity.dims == ("prompt", "layer", "token", "context_token")
+    assert ds.similarity.dims == ("layer", "pair")
     assert ds.attrs["metric"] == metric and ds.attrs["architecture"] == family
 
     lengths = [len(tokenizer(p)["input_ids"]) for p in PROMPTS]
     assert lengths[0] != lengths[1]  # the batch really is padded
     assert list(ds.n_tokens.values) == lengths
+    # one entry per real pair j <= i, nothing for padding: the size follows the prompts
+    assert list(ds.n_pairs.values) == [n * (n + 1) // 2 for n in lengths]
+    assert ds.sizes["pair"] == sum(n * (n + 1) // 2 for n in lengths)
+    assert np.isfinite(ds.similarity.values).all()
     for p, prompt in enumerate(PROMPTS):
         states = reference_hidden(bare, tokenizer, prompt)
         n = lengths[p]
+        mine = ds.pair_prompt.values == p
+        i, j = ds.pair_token.values[mine], ds.pair_context_token.values[mine]
+        assert (j <= i).all() and (i < n).all() and len(set(zip(i, j))) == n * (n + 1) // 2
         for li, layer in enumerate(ds.layer.values):
             expected = reference_similarity(states[layer + 1], metric)
-            got = ds.similarity.isel(prompt=p, layer=li).values
-            np.testing.assert_allclose(got[:n, :n], expected, atol=1e-5, equal_nan=True)
-            # padding rows and columns are NaN, never zero
-            assert np.isnan(got[n:, :]).all() and np.isnan(got[:, n:]).all()
+            np.testing.assert_allclose(ds.similarity.values[li, mine], expected[i, j], atol=1e-5)
+            # and as one prompt's matrix: NaN above the diagonal
+            got = prompt_matrix(ds, p).isel(layer=li).values
+            np.testing.assert_allclose(got, expected, atol=1e-5, equal_nan=True)
         ids = tokenizer(prompt)["input_ids"]
         assert list(ds.token_id.values[p, :n]) == ids
         assert (ds.token_id.values[p, n:] == -1).all()
@@ -100,12 +109,59 @@ def test_batch_size_does_not_change_results(gpt2, tokenizer):
     np.testing.assert_allclose(runs[0].similarity.values, runs[1].similarity.values, atol=1e-6, equal_nan=True)
 
 
+def test_batches_in_any_order_give_the_same_dataset(gpt2, tokenizer, monkeypatch):
+    """Batches may hold prompts in any order (length-sorted, say): every pair lands in
+    its own prompt's place, in the user's order."""
+    from probescope import inputs
+
+    cfg = config(["embed", 1])
+    cfg["inputs"]["prompts"] = SKEWED
+    cfg["inputs"]["batch_size"] = 2
+    plain = probescope.run(cfg, models={"m": (gpt2, tokenizer)}, write=False)["m"]["token_similarity"]
+    batches = inputs.batches
+    monkeypatch.setattr(inputs, "batches", lambda prompts, size, **kw: batches(prompts[::-1], size, **kw)[::-1])
+    shuffled = probescope.run(cfg, models={"m": (gpt2, tokenizer)}, write=False)["m"]["token_similarity"]
+    xr.testing.assert_identical(plain.drop_attrs(), shuffled.drop_attrs())
+    shuffled_summary = by_distance(gpt2, tokenizer, layers=["embed", 1], batch_size=2)
+    np.testing.assert_allclose(shuffled_summary.similarity.values,
+                               by_distance_of_full(plain).similarity.values, atol=1e-6)
+
+
+def by_distance_of_full(ds):
+    """The by_distance summary computed from a full dataset's pairs, with plain xarray."""
+    distance = (ds.pair_token - ds.pair_context_token).rename("distance")
+    return xr.Dataset({"similarity": ds.similarity.groupby(distance).mean()})
+
+
+def test_skewed_prompts_store_only_their_pairs(gpt2, tokenizer, tmp_path):
+    """One long prompt among short ones: the dataset holds each prompt's own pairs, not
+    every prompt padded to the longest, in memory and on disk."""
+    prompts = ["a", "The cat", " ".join(["the cat sat on the mat"] * 12)]
+    cfg = {"inputs": {"prompts": prompts, "batch_size": 3}, "probes": [{"use": "token_similarity", "layers": [0, 1]}],
+           "output": {"dir": str(tmp_path)}}
+    ds = probescope.run(cfg, models={"m": (gpt2, tokenizer)})["m"]["token_similarity"]
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    pairs = sum(n * (n + 1) // 2 for n in lengths)
+    assert lengths[0] == 1 and lengths[2] > 60
+    assert ds.similarity.shape == (2, pairs)
+    dense = len(prompts) * 2 * max(lengths) ** 2 * 4
+    saved = tmp_path / "m" / "token_similarity.nc"
+    on_disk = saved.stat().st_size
+    assert on_disk < 0.5 * dense
+    reread = probescope.load(saved)
+    xr.testing.assert_identical(reread.drop_attrs(), ds.drop_attrs())
+    # the one-token prompt: its only pair, itself
+    assert list(reread.n_pairs.values) == [n * (n + 1) // 2 for n in lengths]
+    np.testing.assert_allclose(prompt_matrix(reread, 0).values, [[[1.0]], [[1.0]]], atol=1e-6)
+
+
 def test_diagonal_is_one_and_upper_triangle_nan(llama, tokenizer):
     ds = probescope.run(config([0]), models={"m": (llama, tokenizer)}, write=False)["m"]["token_similarity"]
-    sim = ds.similarity.isel(prompt=0, layer=0).values
+    sim = prompt_matrix(ds, 0).isel(layer=0).values
     n = int(ds.n_tokens[0])
-    np.testing.assert_allclose(np.diag(sim)[:n], 1.0, atol=1e-5)
-    assert np.isnan(sim[np.triu_indices(sim.shape[0], k=1)]).all()
+    assert sim.shape == (n, n)
+    np.testing.assert_allclose(np.diag(sim), 1.0, atol=1e-5)
+    assert np.isnan(sim[np.triu_indices(n, k=1)]).all()
 
 
 def test_centre_without_first_token_matches_plain_computation():

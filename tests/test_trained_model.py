@@ -112,7 +112,9 @@ def test_token_similarity_with_depth(folders):
     results = probescope.run(config, write=False)
 
     def mean_pairs(ds, first=False):
-        sim = ds["similarity"].isel(prompt=0).values
+        from probescope.probes.token_similarity import prompt_matrix
+
+        sim = prompt_matrix(ds, 0).values
         n = int(ds["n_tokens"][0])
         below = np.tril(np.ones((n, n), dtype=bool), k=-1)
         if not first:

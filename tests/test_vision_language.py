@@ -12,6 +12,7 @@ import torch
 import xarray as xr
 
 import probescope
+from probescope.probes.token_similarity import prompt_matrix
 import vlm_models
 from probescope import cli
 from probescope.inputs import TOKEN_KINDS
@@ -135,13 +136,14 @@ def test_similarity_at_every_layer_matches_output_hidden_states(name, vlms, runs
         states = reference_states(bare, encoded)
         for li, layer in enumerate(ds.layer.values):
             expected = reference_similarity(states[layer + 1], prefix)
-            got = ds.similarity.isel(prompt=p, layer=li).values
-            np.testing.assert_allclose(got[:n, :n], expected, atol=2e-5, equal_nan=True)
-            assert np.isnan(got[n:, :]).all() and np.isnan(got[:, n:]).all()
+            got = prompt_matrix(ds, p).isel(layer=li).values
+            np.testing.assert_allclose(got, expected, atol=2e-5, equal_nan=True)
+        # the pairs stored are exactly those kept: j <= i, and j > i within the prefix
+        assert int(ds.n_pairs[p]) == int(np.isfinite(expected).sum())
     if name == "paligemma":
         assert ds.attrs["attention"] == "bidirectional prefix"
         assert list(ds.n_prefix_tokens.values) == list(ds.n_tokens.values)
-        upper = ds.similarity.isel(prompt=0, layer=0).values[0, 1]
+        upper = prompt_matrix(ds, 0).isel(layer=0).values[0, 1]
         assert np.isfinite(upper)  # the j > i half is kept
     else:
         assert ds.attrs["attention"] == "causal" and "n_prefix_tokens" not in ds.coords
