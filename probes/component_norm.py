@@ -347,6 +347,10 @@ def _grad_norms(params, run: ProbeRun, layout: ModelLayout, layers, names) -> tu
             if module is not None:
                 modules[(layer, name)] = module
     params_of = list(dict.fromkeys(m.weight for m in modules.values()))
+    if getattr(run.model, "remote", False):
+        raise ProbescopeError(
+            f"grad_norm runs a backward pass over model {run.model.name!r} here, but the model runs remotely "
+            f"(remote = {run.model.remote!r}), where only the trace plan goes; run grad_norm on a local entry")
     if any(p.device.type == "meta" for p in params_of):  # accelerate offloaded them (device_map)
         raise ProbescopeError(
             f"grad_norm differentiates the weights in memory, but model {run.model.name!r} was loaded with "

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Optional, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
 from probescope.errors import ConfigError, PluginError, Problem, did_you_mean, location
 from probescope.formats import figure_format_problem, weight_files_problem
@@ -81,6 +81,10 @@ class ModelEntry(_Strict):
     trust_remote_code: bool = Field(False, description="allow a hub model's own Python code to run")
     use_safetensors: bool = Field(True, description="load weights only from `.safetensors` files; false also allows "
                                   "pickled checkpoints (`.bin`), which can run code when loaded")
+    # probescope.remote
+    remote: StrictBool | Literal["local"] = Field(
+        False, description='run the trace plan on NDIF through nnsight (true; a hub model NDIF hosts, an NDIF API '
+        'key set), or through nnsight\'s local simulation of it ("local"); see docs/scale.md')
 
     @field_validator("name")
     @classmethod
@@ -124,6 +128,14 @@ class ModelEntry(_Strict):
         elif "device" in self.model_fields_set:
             problems.append(f"give device ({self.device!r}) or device_map ({self.device_map!r}), not both: "
                             "device_map places every module itself")
+        if self.remote is True and self.path is not None:
+            problems.append("remote = true runs the model NDIF hosts, named by its hub id: give hub, not path "
+                            "(remote = \"local\" simulates a remote run on a local folder)")
+        if self.remote:
+            placed = [key for key in ("device", "device_map") if key in self.model_fields_set]
+            if placed:
+                problems.append(f"remote = {self.remote!r} runs the model where NDIF places it: "
+                                f"leave out {' and '.join(placed)}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -650,7 +662,13 @@ def _prompt_file(inputs: Inputs, base_dir: Path) -> tuple[Any, list[Problem]]:
 
 def _placement_problems(model: ModelEntry, i: int, base_dir: Path) -> list[Problem]:
     """What stops a ``device_map`` entry from loading (accelerate missing, an offload
-    folder that is a file); its ``offload_folder`` is made absolute."""
+    folder that is a file), or a ``remote`` one from running (this nnsight cannot, no
+    NDIF API key); its ``offload_folder`` is made absolute."""
+    if model.remote:
+        from probescope.remote import remote_problem
+
+        found = remote_problem(model.remote)
+        return [Problem(f"models[{i}].remote", found)] if found else []
     if model.device_map is None:
         return []
     from probescope.offload import accelerate_missing

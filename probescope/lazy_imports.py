@@ -33,6 +33,11 @@ class LazyModule(ModuleType):
             self.__dict__.setdefault(key, value)
         return getattr(module, attr)
 
+    def __reduce__(self):
+        # Pickled as the import of the module it stands for: a function shipped by value
+        # to a remote server (nnsight.register) carries its module's globals, lazy ones too.
+        return (importlib.import_module, (self.__name__,))
+
     def __dir__(self):
         return dir(importlib.import_module(self.__name__))
 

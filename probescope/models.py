@@ -96,6 +96,12 @@ class LoadedModel:
     tokenizer: Any
     blocks: str  # dotted path of the block list
     processor: Any = None  # a vision-language model's processor (its tokenizer is `tokenizer`)
+    #: where the trace plan runs: here (False), on NDIF (True: ``model`` is the skeleton on
+    #: the meta device, no weights here), or in nnsight's local simulation of NDIF ("local")
+    remote: bool | str = False
+    entry: Any = None  # the ModelEntry it was loaded from (None: a model given as an object)
+    #: builds the layout when the weights are not here (a model on NDIF): it streams them
+    streamed: Any = None
 
     @property
     def name(self) -> str:
@@ -119,15 +125,23 @@ class LoadedModel:
         """Where the model takes its inputs (a dispatched model's execution device)."""
         from probescope.offload import execution_device
 
+        if self.remote is True:  # inputs travel with the request from here
+            return torch.device("cpu")
         return execution_device(self.model)
 
     @property
     def layout(self) -> "ModelLayout":
         """Weights by canonical name (component weights, per-head weights, embedding,
         unembedding, final norm); for a model accelerate dispatched, offloaded weights
-        are read from its offload store instead of coming back as meta tensors."""
+        are read from its offload store instead of coming back as meta tensors; for a
+        model on NDIF they are streamed from its checkpoint's safetensors files."""
         from probescope.architectures.layout import ModelLayout
         from probescope.offload import OffloadedLayout, is_dispatched
+
+        if self.streamed is not None:
+            if "_streamed_layout" not in self.__dict__:  # built once: it holds what it has read
+                self.__dict__["_streamed_layout"] = self.streamed()
+            return self.__dict__["_streamed_layout"]
 
         kind = OffloadedLayout if is_dispatched(self.model) else ModelLayout
         return kind(self.model, self.info.adapter, self.blocks)
@@ -359,11 +373,17 @@ def load_weights(entry: "ModelEntry", vision: bool = False) -> torch.nn.Module:
 
 
 def load(entry: "ModelEntry", info: ModelInfo, tokenizer: Any, processor: Any = None) -> LoadedModel:
-    """Load the weights of a model that :func:`inspect` accepted."""
+    """Load the weights of a model that :func:`inspect` accepted; for a model that runs
+    on NDIF (``remote = true``), build only its skeleton on the meta device."""
+    if entry.remote is True:
+        model = skeleton(info.config, entry.trust_remote_code)
+        return LoadedModel(info, model, tokenizer, find_blocks(model, info.adapter), processor,
+                           remote=True, entry=entry)
     model = load_weights(entry, vision=info.vision is not None)
     if entry.dtype == "auto":
         info.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    return LoadedModel(info, model, tokenizer, find_blocks(model, info.adapter), processor)
+    return LoadedModel(info, model, tokenizer, find_blocks(model, info.adapter), processor,
+                       remote=entry.remote, entry=entry)
 
 
 def from_objects(

@@ -115,6 +115,12 @@ def prepare(plan: Plan, registry: Any, given: Mapping[str, models_mod.LoadedMode
                     f"model {info.name!r}: the prompt is {len(prompt)} tokens long{images}, but the model "
                     f"takes at most {info.max_positions}; shorten it",
                 ))
+        if entry is not None and entry.remote:
+            from probescope.remote import unservable
+
+            for task in plan.probes_for(info.name):
+                problems += _scoped(f"probes[{task.index}]", info.name,
+                                    [Problem("", m) for m in unservable(task, info, entry.remote)])
         for task in plan.probes_for(info.name):
             own = task.probe.check(task.params, info)
             # Sites are checked once the probe's parameters are (a layer out of range is said once).
@@ -253,12 +259,21 @@ def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list,
         return {owner: collected.reductions for owner, collected in per_owner.items()}
     # Only eager attention computes probabilities: switched on for this model's pass, then back.
     reads_attention = any(read.site.kind == ATTENTION for _, read in reads)
+    remote = getattr(loaded, "remote", False)  # the plan runs on NDIF, or its local simulation
     try:
         steps = trace.plan_steps(reads, place)
         eager = trace.attention_implementation(loaded.model, "eager") if reads_attention else nullcontext()
-        with eager, trace.wrapped(loaded.model) as envoy:
+        wrap = backend = None
+        if remote:
+            from probescope import remote as remote_mod
+
+            shipped = remote_mod.register(steps)  # probescope's and the plugins' reduction code
+            wrap = remote_mod.wrapper(loaded)
+        with eager, trace.wrapped(loaded.model, wrap) as envoy:
             for batch in progress(batches, desc=f"{name}: batches"):
-                sink, failed = trace.run_batch(envoy, steps, batch)
+                if remote:
+                    backend = remote_mod.backend(envoy, remote, shipped)
+                sink, failed = trace.run_batch(envoy, steps, batch, backend)
                 for owner in per_owner:
                     if owner not in failed:
                         try:
@@ -302,7 +317,12 @@ def open_model(plan: Plan, prepared: Prepared,
             if entry.use_safetensors:
                 raise
             # pickled weights the user allowed: no safetensors to stream, load them whole
-    return models_mod.load(entry, prepared.info, prepared.tokenizer, prepared.processor)
+    loaded = models_mod.load(entry, prepared.info, prepared.tokenizer, prepared.processor)
+    if loaded.remote is True:  # weights stay on NDIF: a probe reading them gets them streamed
+        from probescope.architectures.streamed import streamed_layout
+
+        loaded.streamed = lambda: streamed_layout(entry, prepared.info.config, prepared.info.adapter)
+    return loaded
 
 
 def run_model(plan: Plan, prepared: Prepared, registry: Any, outcome: Outcome, write: bool,

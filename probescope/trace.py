@@ -84,24 +84,28 @@ def _port(module: Any, port: str) -> Any:
     return module
 
 
-def run_batch(envoy: Any, steps: list[Step], batch: Batch) -> tuple[dict, dict]:
+def run_batch(envoy: Any, steps: list[Step], batch: Batch, backend: Any = None) -> tuple[dict, dict]:
     """One traced forward pass over ``batch``.
 
+    :param backend: an nnsight backend that runs the pass elsewhere (NDIF, or its local
+        simulation: :mod:`probescope.remote`); the block then travels as a request and
+        only what it saves (the reductions and the failures) comes back.
     :returns: ``(results, failures)``: ``results[owner][key]`` is each read's reduction,
         ``failures[owner]`` the exception that stopped an owner's reads.
     """
     owners = {owner for step in steps for owner, _, _ in step.reads}
     ports = [(_envoy_at(envoy, step.module), step.port) for step in steps]
-    for module, port in ports:
-        if port.startswith("source."):
-            # nnsight instruments a forward's operations when .source is first used; done
-            # inside the pass, a module already running (its q_proj read) would miss it.
-            module.source
+    remote = backend is not None
+    options = {"backend": backend} if remote else {}
+    if not remote:
+        _instrument(ports)
     # input_ids goes positionally: nnsight 0.5 finds no batch in keyword-only inputs.
     # The processor's other tensors (pixels, image grids, token types) go by keyword.
     kwargs = {"attention_mask": batch.attention_mask, "use_cache": False, **batch.extras}
     with torch.inference_mode():
-        with envoy.trace(batch.input_ids, **kwargs) as tracer:
+        with envoy.trace(batch.input_ids, **kwargs, **options) as tracer:
+            if remote:  # where the model runs: first thing in the block, before any module runs
+                _instrument(ports)
             sink = nnsight.save({owner: {} for owner in owners})
             failed = nnsight.save({})
             for step, (module, port) in zip(steps, ports):
@@ -110,8 +114,19 @@ def run_batch(envoy: Any, steps: list[Step], batch: Batch) -> tuple[dict, dict]:
     return sink, failed
 
 
+def _instrument(ports: list[tuple[Any, str]]) -> None:
+    """Have nnsight instrument the forwards whose operations are read (``source.`` ports).
+
+    nnsight does so when ``.source`` is first used; done at a module's own step, a module
+    already running (its q_proj read) would miss it, so it is done before the pass.
+    """
+    for module, port in ports:
+        if port.startswith("source."):
+            module.source
+
+
 @contextmanager
-def wrapped(model: torch.nn.Module) -> Iterator[Any]:
+def wrapped(model: torch.nn.Module, wrap: Callable[[torch.nn.Module], Any] | None = None) -> Iterator[Any]:
     """The nnsight view of ``model`` for the duration of a block.
 
     nnsight installs a controller ``forward`` (and its state, under ``__nnsight...``
@@ -121,10 +136,13 @@ def wrapped(model: torch.nn.Module) -> Iterator[Any]:
     been probed. Attributes the model set on itself during the pass stay: transformers
     marks a module ``_output_capturing_hooks_installed`` when it registers hooks that
     stay registered, and deleting the mark would install them twice.
+
+    :param wrap: builds the nnsight view (default ``nnsight.NNsight``); a remote run
+        wraps the model so that its trace can travel (:func:`probescope.remote.wrapper`).
     """
     before = {module: dict(module.__dict__) for module in model.modules()}
     try:
-        yield nnsight.NNsight(model)
+        yield (wrap or nnsight.NNsight)(model)
     finally:
         for module, attrs in before.items():
             for key in [k for k in module.__dict__ if _added_by_nnsight(k) and k not in attrs]:
