@@ -16,14 +16,17 @@ probe's default) three ways, each in a fresh subprocess, side by side:
 - ``loaded-float32``: the whole model in float32, the default load dtype before ``auto``.
 
 Peak memory is the kernel's high-water mark of the child's resident set (VmHWM) above its
-resident set just before ``probescope.run`` (imports, tokenizer and registry loaded), with
-glibc's default malloc settings (what a user sees). Scores of ``streamed`` and
+resident set just before ``probescope.run``, with glibc's default malloc settings (what a
+user sees). That baseline is the process with its libraries imported: probescope and its
+registry, and the transformers modeling code every variant uses (about 95 MB of RSS,
+imported before measuring since it is code, not working set; ``--cold-baseline``
+measures from before it instead). Scores of ``streamed`` and
 ``loaded-auto`` must be identical (same dtype, same arithmetic); the run stops otherwise.
 
 Finally, the extrapolation to Llama-3.1-70B from this run's measured rates.
 
-    .venv/bin/python benchmarks/bench_streamed.py                  # about 10 minutes
-    .venv/bin/python benchmarks/bench_streamed.py --layers 4       # a quick look
+    .venv/bin/python benchmarks/bench_streamed.py                  # 15-30 minutes
+    .venv/bin/python benchmarks/bench_streamed.py --layers 2 --variants streamed loaded-auto   # a quick look
 """
 
 from __future__ import annotations
@@ -98,15 +101,20 @@ def build_checkpoint(folder: Path, s: dict, shard_bytes: int = 500 << 20) -> Non
     (folder / "shape.json").write_text(json.dumps(s))
 
 
-def child(variant: str, folder: Path, out: Path) -> dict:
+def child(variant: str, folder: Path, out: Path, cold: bool = False) -> dict:
     """One run of head_classifier in this process; scores written to ``out``."""
+    import importlib
+
     import probescope
     from probescope import checkpoint as checkpoint_mod
-    from probescope import relation_scores as scores_mod
     from probescope import runner
     from probescope.plugins.manager import load_registry
 
+    scores_mod = importlib.import_module("probescope.probes.head_classifier.relation_scores")
     load_registry()
+    if not cold:  # the libraries every variant imports, in the baseline
+        import transformers.modeling_utils  # noqa: F401
+        import transformers.models.llama.modeling_llama  # noqa: F401
     if variant != "streamed":
         runner._weights_only = lambda tasks, info: False  # force the whole model to load
     read_bytes = [0]
@@ -157,18 +165,22 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="which runs (streamed is always one: the others are compared with it)")
+    parser.add_argument("--cold-baseline", action="store_true",
+                        help="measure memory from before transformers' modeling code is imported")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     s = shape(args)
     folder = args.dir / f"llama-{args.layers}x{args.width}-v{args.vocab}"
     if args.child:
-        print(json.dumps(child(args.child[0], folder, Path(args.child[1]))))
+        print(json.dumps(child(args.child[0], folder, Path(args.child[1]), args.cold_baseline)))
         return
 
     import numpy as np
     import xarray as xr
 
-    from probescope.relation_scores import BUDGET_BYTES
+    from probescope.probes.head_classifier.relation_scores import BUDGET_BYTES
 
     if not (folder / "shape.json").is_file():
         start = time.perf_counter()
@@ -183,32 +195,36 @@ def main() -> None:
     f32 = matmul_rate(torch.float32)  # the scoring's arithmetic (bfloat16 matmul is slow on this CPU)
     print(f"matmul 2048^3: float32 {f32:.0f} GFLOP/s")
 
+    variants = ["streamed", *(v for v in args.variants if v != "streamed")]
     results = {}
-    for variant in VARIANTS:
+    for variant in variants:
         out = args.dir / f"scores-{variant}.nc"
         done = subprocess.run([sys.executable, __file__, "--dir", str(args.dir), "--layers", str(args.layers),
-                               "--width", str(args.width), "--vocab", str(args.vocab), "--child", variant, str(out)],
-                              check=True, capture_output=True, text=True)
+                               "--width", str(args.width), "--vocab", str(args.vocab), "--child", variant, str(out)]
+                              + ["--cold-baseline"] * args.cold_baseline, check=True, capture_output=True, text=True)
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
         results[variant]["scores"] = xr.load_dataset(out)
     with open("/proc/loadavg") as f:
         print(f"load average after: {f.read().split()[:3]}")
 
-    streamed, loaded = results["streamed"]["scores"], results["loaded-auto"]["scores"]
-    same = all(np.array_equal(streamed[v].values, loaded[v].values, equal_nan=True)
-               for v in ("relation_score", "suppression_score"))
-    f32_scores = results["loaded-float32"]["scores"]
-    differ = sum(int((~np.isclose(streamed[v].values, f32_scores[v].values, rtol=0, atol=0, equal_nan=True)).sum())
-                 for v in ("relation_score", "suppression_score"))
-    print(f"streamed scores identical to the loaded model's (same dtype): {same}; "
-          f"against a float32 load {differ} of {2 * streamed.relation_score.size} scores differ")
-    if not same:
-        raise SystemExit("streamed scores differ from the loaded model's")
+    streamed = results["streamed"]["scores"]
+    if "loaded-auto" in results:
+        loaded = results["loaded-auto"]["scores"]
+        same = all(np.array_equal(streamed[v].values, loaded[v].values, equal_nan=True)
+                   for v in ("relation_score", "suppression_score"))
+        print(f"streamed scores identical to the loaded model's (same dtype): {same}")
+        if not same:
+            raise SystemExit("streamed scores differ from the loaded model's")
+    if "loaded-float32" in results:
+        f32_scores = results["loaded-float32"]["scores"]
+        differ = sum(int((~np.isclose(streamed[v].values, f32_scores[v].values, rtol=0, atol=0,
+                                      equal_nan=True)).sum()) for v in ("relation_score", "suppression_score"))
+        print(f"against a float32 load {differ} of {2 * streamed.relation_score.size} scores differ")
 
     budget = budget_mb(s, BUDGET_BYTES)
     goal = sum(budget.values())
     print(f"\n{'variant':<16} {'seconds':>8} {'peak MB':>8} {'x ckpt':>7} {'x goal':>7} {'read MB':>8}")
-    for variant in VARIANTS:
+    for variant in variants:
         r = results[variant]
         print(f"{variant:<16} {r['seconds']:8.1f} {r['peak_growth_mb']:8.0f} {r['peak_growth_mb'] / size_mb:7.2f} "
               f"{r['peak_growth_mb'] / goal:7.2f} {r['read_mb']:8.0f}")
@@ -218,7 +234,7 @@ def main() -> None:
     # -- extrapolation ---------------------------------------------------------------------
     r = results["streamed"]
     flops = r["flops"]
-    from probescope.relations import builtin_relations, tokenize_relation
+    from probescope.probes.head_classifier.relations import builtin_relations, tokenize_relation
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -86,7 +86,7 @@ def relation_word_tokenizer(vocab: int, relations: int | None = None):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from probescope.relations import builtin_relations
+    from probescope.probes.head_classifier.relations import builtin_relations
 
     chosen = list(builtin_relations())[:relations]
     words = ["[UNK]", "a"] + list(dict.fromkeys(w for r in chosen for pair in r.pairs for w in pair))

@@ -295,7 +295,7 @@ def test_fast_scores_equal_the_reference_loop_in_float64(family, tokenizer, gpt2
         want = reference_scores(layout, relations)
         for first, largest in ((512, 8192), (16, 64)):  # one chunk, and many small ones
             got = relation_scores(layout, PairSet.of(relations), dtype=torch.float64, first_chunk=first,
-                                  max_chunk=largest, budget_bytes=1 << 16)
+                                  max_chunk=largest, budget_bytes=1 << 18)  # 256 kB: heads in groups
             np.testing.assert_array_equal(got[0], want[0])
             np.testing.assert_array_equal(got[1], want[1])
         assert np.nanmax(want[0]) > 0  # some hits, so equality means something
@@ -524,3 +524,57 @@ def test_reclassify_keeps_combining_padding_and_checks_its_arguments(planted_gpt
         reclassify(small, 0.0)
     with pytest.raises(ValueError, match="classify_by must be"):
         reclassify(small, classify_by="both")
+
+
+# -- the scoring's working set -----------------------------------------------------------------------
+
+
+def peak_allocated_bytes(step) -> tuple[int, object]:
+    """The most bytes torch's CPU allocator held at once during ``step()`` beyond what it
+    held before (from the profiler's allocation records), and what ``step`` returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak, out
+
+
+@pytest.mark.parametrize("precision", [torch.float32, torch.float64])
+def test_scoring_allocates_at_most_its_budget_and_scores_the_same(precision):
+    """Everything relation_scores allocates (sources through block 0's MLP, W_U's
+    conversions, per-head values, logits) stays within budget_bytes on a model in memory
+    (whose weights it does not allocate), and the scores do not depend on the budget."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from probescope.architectures.layout import ModelLayout
+    from probescope.models import find_adapter
+    from probescope.plugins.manager import load_registry
+
+    torch.manual_seed(0)
+    vocabulary = 2100
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocabulary, hidden_size=32, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                         tie_word_embeddings=False)).eval()
+    adapter = find_adapter(model.config, load_registry())
+    layout = ModelLayout(model, adapter, adapter.blocks(model))
+    g = torch.Generator().manual_seed(1)
+    relations = [(torch.randint(0, vocabulary, (100,), generator=g), torch.randint(0, vocabulary, (100,), generator=g), k)
+                 for k in (10, 25)]
+    relations.append((relations[0][0][:60], relations[0][0][:60], 1))  # copying, sources shared
+    pairs = PairSet.of(relations)
+    budget = 1 << 18
+    # what the old scoring converted at once: all of W_U in the arithmetic's dtype
+    assert 32 * vocabulary * precision.itemsize >= budget
+    peak, got = peak_allocated_bytes(lambda: relation_scores(layout, pairs, dtype=precision, budget_bytes=budget,
+                                                             first_chunk=8))  # chunks as narrow as the budget wants
+    assert budget // 4 < peak <= budget  # within the budget, and using it
+    want = relation_scores(layout, pairs, dtype=precision)  # the default budget, 256 MB: one chunk of heads
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert np.nanmax(want[1]) > 0

@@ -35,12 +35,22 @@ counting them in the target's favour would give a head whose output is the same 
 every token (a pruned head, ``W_O = 0``) a score of 1.0 for every relation; under this
 rule it scores 0.
 
-Memory stays bounded: heads are processed in groups and the vocabulary in chunks, so the
-largest intermediate is about ``budget_bytes``, whatever the model's size.
+**Memory stays within ``budget_bytes``** (256 MB by default), whatever the model's size:
+everything the scoring allocates (the source vectors, the target columns, per-head
+values, each vocabulary chunk's logits and the conversions of ``W_U`` to the arithmetic's
+dtype) is planned against it, on top of the weights the layout holds. Block 0's MLP runs
+on the sources a slice of rows at a time; heads go in groups whose per-pair state takes
+at most half of what the sources leave, and each vocabulary chunk is as wide as the rest
+allows. No ``(heads, sources, width)`` tensor is kept: the logits of the few open pairs
+(``(x W_V^h W_O^h) W_U``) are computed from their own rows. A budget too small for the
+model (a model of width 8192 and 3,000 sources needs about 100 MB for the sources alone)
+is exceeded rather than crawled through: no chunk of columns or pairs is narrower than
+``first_chunk``.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -89,26 +99,57 @@ class PairSet:
 
 
 def source_vectors(layout: ModelLayout, tokens: torch.Tensor, layer: int, through_first_mlp: bool,
-                   dtype: torch.dtype) -> torch.Tensor:
+                   dtype: torch.dtype, rows: int | None = None) -> torch.Tensor:
     """What a head of ``layer`` reads for each source token: its embedding, or for
-    ``layer > 0`` with ``through_first_mlp`` what block 0's MLP writes for it."""
+    ``layer > 0`` with ``through_first_mlp`` what block 0's MLP writes for it. Computed
+    ``rows`` tokens at a time (default all at once), which bounds the MLP's
+    intermediate activations; each token's vector is computed on its own row either way."""
     with torch.no_grad():
         embedding = layout.embedding()
-        device = embedding.weight.device
-        x = embedding(tokens.to(device))
-        if layer > 0 and through_first_mlp:
-            x = layout.mlp_output(0, x)
-        return x.to(dtype)
+        tokens = tokens.to(embedding.weight.device)
+        n = tokens.numel()
+        step = max(1, n if rows is None else rows)
+        out = None
+        for start in range(0, max(n, 1), step):
+            x = embedding(tokens[start:start + step])
+            if layer > 0 and through_first_mlp:
+                x = layout.mlp_output(0, x)
+            if out is None:
+                out = torch.empty((n, x.shape[-1]), dtype=dtype, device=x.device)
+            out[start:start + x.shape[0]] = x  # converted to dtype as it is copied
+            del x
+        return out
+
+
+def _mlp_width(layout: ModelLayout) -> int:
+    """The widest MLP weight's largest side (Phi-3's fused gate and up: twice the MLP
+    width), read off the module's shape: what one token needs in block 0's MLP."""
+    widths = [max(module.weight.shape) for name in layout.components if name.startswith("mlp.")
+              for module in [layout.module(0, name)] if getattr(module, "weight", None) is not None]
+    return max(widths, default=0)
 
 
 def _sources_by_layer(layout: ModelLayout, tokens: torch.Tensor, through_first_mlp: bool,
-                      dtype: torch.dtype) -> Callable[[int], torch.Tensor]:
+                      dtype: torch.dtype, budget: int) -> Callable[[int], torch.Tensor]:
+    """The sources of each layer, the one set in use kept (layer 0's embeddings are
+    dropped once the later layers' MLP outputs are made). Block 0's MLP takes as many
+    rows at a time as its activations (four MLP-wide and four model-wide vectors a token,
+    at the arithmetic's itemsize or float32's if wider) fit in the budget beside the
+    result."""
     cache: dict[bool, torch.Tensor] = {}
+    itemsize = max(4, torch.empty((), dtype=dtype).element_size())
 
     def get(layer: int) -> torch.Tensor:
         key = layer > 0 and through_first_mlp
         if key not in cache:
-            cache[key] = source_vectors(layout, tokens, layer, through_first_mlp, dtype)
+            cache.clear()
+            rows = None
+            if key:
+                width = layout.embedding().weight.shape[-1]
+                result = tokens.numel() * width * itemsize
+                per_row = 4 * (_mlp_width(layout) + width) * itemsize
+                rows = max(1, (budget - result) // max(1, per_row))
+            cache[key] = source_vectors(layout, tokens, layer, through_first_mlp, dtype, rows)
         return cache[key]
 
     return get
@@ -133,18 +174,31 @@ def tie_tolerance(y_norm: torch.Tensor, w_o_norm: torch.Tensor, u_norm_max: floa
 def _count(mask: torch.Tensor) -> torch.Tensor:
     """True entries per row of a ``(rows, columns)`` bool tensor, as int64. Summing the
     bytes as int32 is about 1.6x faster on a CPU than ``sum`` or ``count_nonzero``, which
-    convert every entry to int64 first."""
+    convert every entry to int64 first; the int32 copy costs 4 bytes an entry."""
     return mask.view(torch.uint8).sum(1, dtype=torch.int32).long()
+
+
+def longest_column(W_U: torch.Tensor, dtype: torch.dtype, budget: int) -> float:
+    """The largest column norm of ``W_U`` ``(d, vocab)`` in ``dtype``, converted a block of
+    columns at a time so the conversion takes at most half of ``budget`` bytes (each
+    column's norm is the same however many are converted together)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    d, V = W_U.shape
+    step = max(1, budget // max(1, 2 * d * itemsize))
+    return max((float(W_U[:, a:a + step].to(dtype).norm(dim=0).max()) for a in range(0, V, step)), default=0.0)
 
 
 def _layer_hits(x: torch.Tensor, source_row: torch.Tensor, target: torch.Tensor, k: torch.Tensor,
                 W_V: torch.Tensor, W_O: torch.Tensor, kv_head: torch.Tensor, W_U: torch.Tensor,
-                dtype: torch.dtype, budget: int, first_chunk: int, max_chunk: int,
+                u_norm_max: float, dtype: torch.dtype, budget: int, first_chunk: int, max_chunk: int,
                 stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For one layer: ``(heads, pairs)`` bools, target in the top k / bottom k.
 
     :param x: ``(sources, d)`` distinct source vectors; ``source_row[p]`` is pair p's row.
     :param k: ``(pairs,)`` top-k of each pair's relation.
+    :param u_norm_max: :func:`longest_column` of ``W_U``.
+    :param budget: bytes for everything allocated here, ``x`` included (see the module's
+        docstring).
     """
     H, hd, d = W_O.shape
     S, P, V = x.shape[0], target.numel(), W_U.shape[1]
@@ -154,29 +208,44 @@ def _layer_hits(x: torch.Tensor, source_row: torch.Tensor, target: torch.Tensor,
     suppression_hit = torch.zeros(H, P, dtype=torch.bool, device=device)
     if P == 0:
         return relation_hit, suppression_hit
-    # Heads in groups small enough that x W_V W_O (group, sources, d) and the first chunk's
-    # logits, (group, sources, chunk) and (group, pairs, chunk), fit the budget.
-    per_head = (S * d + S * first_chunk + P * first_chunk + P * hd) * itemsize
-    group = max(1, min(H, budget // max(1, per_head)))
-    unique_kv = torch.unique(kv_head)
-    W_V_kv = {int(g): W_V[int((kv_head == g).nonzero()[0])].to(dtype) for g in unique_kv}
-    U_target = W_U[:, target].to(dtype).t()  # (P, d)
-    u_norm_max = float(W_U.to(dtype).norm(dim=0).max())
+    unique_kv = [int(g) for g in torch.unique(kv_head)]
+    W_V_kv = {g: W_V[int((kv_head == g).nonzero()[0])].to(dtype) for g in unique_kv}
+    # What the layer holds throughout: the sources, x W_V's factors, the hits, the pairs' indices.
+    room = budget - (x.numel() + len(unique_kv) * d * hd + S * hd) * itemsize - 2 * H * P - 4 * 8 * P
+    # Per head of a group: x W_V (S, hd) and its norms, and per pair the target logit and
+    # its tolerance (dtype, and two more while the tolerance is made), the two counts
+    # (int64), the open flag and the k (expanded, a view).
+    per_head = S * (hd + 1) * itemsize + P * (4 * itemsize + 2 * 8 + 1)
+    group = max(1, min(H, (room // 2) // max(1, per_head)))
     flops = 0
 
     for h0 in range(0, H, group):
         heads = range(h0, min(H, h0 + group))
         n = len(heads)
-        # x W_V once per key/value head, then per query head (n, S, hd) and x W_V W_O (n, S, d)
-        xv = {g: x @ w for g, w in W_V_kv.items() if g in {int(kv_head[h]) for h in heads}}
-        Y = torch.stack([xv[int(kv_head[h])] for h in heads])
+        group_kv = sorted({int(kv_head[h]) for h in heads})
+        # x W_V once per key/value head (the query heads of a group share them), then per head (n, S, hd)
+        Y = torch.empty(n, S, hd, dtype=dtype, device=device)
+        for g in group_kv:
+            xv = x @ W_V_kv[g]
+            for i, h in enumerate(heads):
+                if int(kv_head[h]) == g:
+                    Y[i] = xv
+            del xv
         W_O_g = W_O[h0:h0 + n].to(dtype)
-        Z = torch.bmm(Y, W_O_g)  # (n, S, d)
-        # Each pair's target logit, x W_V (W_O u_target): (n, P)
-        t = (Y[:, source_row] * torch.matmul(U_target, W_O_g.transpose(1, 2))).sum(-1)
+        flops += 2 * len(group_kv) * S * d * hd
+        left = room - n * per_head - n * hd * d * itemsize
+        # Each pair's target logit, x W_V (W_O u_target): (n, P), the pairs' target columns
+        # of W_U converted a slice of pairs at a time.
+        t = torch.empty(n, P, dtype=dtype, device=device)
+        step = max(first_chunk, left // max(1, (2 * d + 3 * n * hd) * itemsize))
+        for p0 in range(0, P, step):
+            p1 = min(P, p0 + step)
+            U_target = W_U[:, target[p0:p1]].to(dtype)  # (d, p)
+            t[:, p0:p1] = (Y[:, source_row[p0:p1]] * torch.matmul(W_O_g, U_target).transpose(1, 2)).sum(-1)
+            del U_target
+        flops += 2 * (n * P * d * hd + n * P * hd)
         tol = tie_tolerance(Y.norm(dim=-1)[:, source_row], W_O_g.flatten(1).norm(dim=1)[:, None], u_norm_max, d,
                             dtype)  # (n, P)
-        flops += 2 * (len(xv) * S * d * hd + n * S * hd * d + n * P * d * hd + n * P * hd)
         above = torch.zeros(n, P, dtype=torch.long, device=device)
         below = torch.zeros(n, P, dtype=torch.long, device=device)
         kk = k.to(device).expand(n, P)
@@ -184,44 +253,90 @@ def _layer_hits(x: torch.Tensor, source_row: torch.Tensor, target: torch.Tensor,
 
         start, size = 0, first_chunk
         while start < V:
-            rows = open_.nonzero()  # (N, 2): (head in group, pair)
+            rows = open_.nonzero()  # (N, 2): (head in group, pair), by head
             N = rows.shape[0]
             if N == 0:
                 break
             open_heads = torch.unique(rows[:, 0])
+            m = open_heads.numel()
             # Operations per vocabulary column of each product order; the cheaper one wins.
-            factored = open_heads.numel() * (hd * d + S * hd)
+            factored = m * (hd * d + S * hd)
             direct = N * d
-            held = open_heads.numel() * S + N if factored < direct else N  # elements per column
-            stop = start + max(1, min(size, V - start, budget // (itemsize * held)))
+            # Bytes: the pairs' indices and values beside the logits, then per column
+            # W_U's slice, A and L (factored) and the logits, and their comparison (a
+            # bool and the int32 it is summed as).
+            fixed = 8 * 8 * N
+            if factored < direct:
+                fixed += m * (hd * d + S * hd) * itemsize  # W_O and x W_V of the open heads
+                per_column = (d + m * hd + m * S + N) * itemsize + 5 * N
+            else:
+                fixed += N * (hd + d) * itemsize  # the open pairs' x W_V and x W_V W_O
+                per_column = (d + N) * itemsize + 5 * N
+            stop = start + min(V - start, max(min(size, first_chunk), min(size, (left - fixed) // per_column)))
             c = stop - start
             U = W_U[:, start:stop].to(dtype)  # (d, c)
             flops += 2 * min(factored, direct) * c
+            head, pair = rows[:, 0], rows[:, 1]
             if factored < direct:
-                A = torch.matmul(W_O_g[open_heads], U)  # (h', hd, c)
-                L = torch.bmm(Y[open_heads], A)  # (h', S, c)
+                A = torch.matmul(W_O_g[open_heads], U)  # (m, hd, c)
+                L = torch.bmm(Y[open_heads], A)  # (m, S, c)
                 position = torch.full((n,), -1, dtype=torch.long, device=device)
-                position[open_heads] = torch.arange(open_heads.numel(), device=device)
-                logits = L[position[rows[:, 0]], source_row[rows[:, 1]]]  # (N, c)
-                del A, L
+                position[open_heads] = torch.arange(m, device=device)
+                logits = L[position[head], source_row[pair]]  # (N, c)
+                del A, L, position
             else:
-                logits = Z[rows[:, 0], source_row[rows[:, 1]]] @ U  # (N, c)
-            own = t[rows[:, 0], rows[:, 1]]
-            slack = tol[rows[:, 0], rows[:, 1]]
+                # The open pairs' x W_V W_O, head by head (rows come grouped by head).
+                Z = torch.empty(N, d, dtype=dtype, device=device)
+                counts = torch.bincount(head, minlength=n).tolist()
+                first = 0
+                for h, count in enumerate(counts):
+                    if count:
+                        Z[first:first + count] = Y[h, source_row[pair[first:first + count]]] @ W_O_g[h]
+                        first += count
+                flops += 2 * N * hd * d
+                logits = Z @ U  # (N, c)
+                del Z
+            del U
+            own = t[head, pair]
+            slack = tol[head, pair]
             # The target's own column is not a rival: NaN compares false both ways.
-            tgt = target[rows[:, 1]]
+            tgt = target[pair]
             inside = (tgt >= start) & (tgt < stop)
             logits[inside.nonzero().squeeze(1), (tgt[inside] - start)] = float("nan")
             # Ties (within rounding) count against the target, for both scores.
-            above[rows[:, 0], rows[:, 1]] += _count(logits >= (own - slack)[:, None])
-            below[rows[:, 0], rows[:, 1]] += _count(logits <= (own + slack)[:, None])
+            above[head, pair] += _count(logits >= (own - slack)[:, None])
+            below[head, pair] += _count(logits <= (own + slack)[:, None])
+            del logits
             open_ = (above < kk) | (below < kk)
             start, size = stop, min(max_chunk, size * 2)
         relation_hit[h0:h0 + n] = above < kk
         suppression_hit[h0:h0 + n] = below < kk
+        del Y, t, tol, above, below, open_
     if stats is not None:
         stats["flops"] = stats.get("flops", 0) + flops
     return relation_hit, suppression_hit
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def give_back_freed_memory() -> None:
+    """Hand memory that tensors freed back to the system (glibc's ``malloc_trim``).
+
+    glibc keeps freed blocks below its mmap threshold (which grows to 32 MB) for reuse,
+    and one layer's chunks leave about 100 MB of them, so without this the resident set
+    grows past what the scoring holds. A no-op where the C library has no ``malloc_trim``.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _per_relation(hits: torch.Tensor, pairs: PairSet) -> np.ndarray:
@@ -254,15 +369,19 @@ def relation_scores(
         return relation, suppression
     device = layout.embedding().weight.device
     distinct, source_row = torch.unique(pairs.source, return_inverse=True)
-    sources = _sources_by_layer(layout, distinct, through_first_mlp, dtype)
+    sources = _sources_by_layer(layout, distinct, through_first_mlp, dtype, budget_bytes)
     W_U = layout.unembedding().matrix().detach()
+    u_norm_max = longest_column(W_U, dtype, budget_bytes)
     target, source_row, k = pairs.target.to(device), source_row.to(device), pairs.k.to(device)[pairs.relation.to(device)]
     with torch.no_grad():
         for i, layer in enumerate(progress(layers)):
+            x = sources(layer).to(device)
             w = layout.heads(layer)
-            hit, supp = _layer_hits(sources(layer).to(device), source_row, target, k, w.W_V.detach(),
-                                    w.W_O.detach(), w.kv_head.to(device), W_U, dtype, budget_bytes,
-                                    first_chunk, max_chunk, stats)
+            give_back_freed_memory()  # what making the sources and reading the block left
+            hit, supp = _layer_hits(x, source_row, target, k, w.W_V.detach(), w.W_O.detach(), w.kv_head.to(device),
+                                    W_U, u_norm_max, dtype, budget_bytes, first_chunk, max_chunk, stats)
+            del w
+            give_back_freed_memory()
             relation[i] = _per_relation(hit, pairs)
             suppression[i] = _per_relation(supp, pairs)
     return relation, suppression
