@@ -525,3 +525,19 @@ def test_pair_layout_and_old_dense_files_draw_alike(renderer, two_models, tmp_pa
         for a, b in zip(images[0], other):
             np.testing.assert_array_equal(np.ma.getmaskarray(a), np.ma.getmaskarray(b))
             np.testing.assert_array_equal(a.filled(0), b.filled(0))
+
+
+def test_combined_pair_layouts_of_different_tokenizers_draw_as_each_alone(renderer, two_models):
+    """Combining aligns the pair lists by index (the shorter one filled with -1 labels and
+    NaN): each model still draws exactly its own pairs."""
+    import probescope
+    from probescope.probes.token_similarity import as_pairs
+
+    small, large = (as_pairs(ds).assign_attrs(parameters="{}") for ds in two_models)
+    assert small.sizes["pair"] != large.sizes["pair"]
+    both = probescope.combine({"small": small, "large": large})
+    assert both.pair_prompt.dims == ("model", "pair") and both.pair_prompt.dtype == np.int32
+    combined = render(renderer, both, prompt=1, layers=[0, 3])
+    alone = render(renderer, [small, large], prompt=1, layers=[0, 3])
+    for a, b in zip(panels(combined), panels(alone)):
+        np.testing.assert_array_equal(a.images[0].get_array().filled(0), b.images[0].get_array().filled(0))
