@@ -223,14 +223,15 @@ def _probe_reads(tasks: Sequence[ProbeTask], loaded: models_mod.LoadedModel, out
 def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list,
                outcome: Outcome) -> dict[str, dict[Any, list]]:
     """Run every batch through one trace shared by all reads; per owner, its reductions
-    by key (:func:`probescope.trace.Collected`). Owners whose reductions raise are
+    by key (:func:`probescope.trace.gather`): one tensor per batch, or one running total
+    for a read that accumulates (added to in place inside the pass, so nothing per batch
+    is kept). Owners whose reductions raise are
     recorded as failed."""
     name = loaded.name
     owners = list(dict.fromkeys(owner for owner, _ in reads))
-    per_owner: dict[str, trace.Collected] = {owner: trace.Collected() for owner in owners}
-    for owner, read in reads:
-        if read.accumulate:
-            per_owner[owner].accumulating.add(read.key)
+    per_owner: dict[str, list[dict]] = {owner: [] for owner in owners}  # per batch: {key: tensor}
+    totals: dict[str, dict] = {}  # owner -> key -> running total of a read that accumulates
+    accumulating = {owner: {read.key for o, read in reads if o == owner and read.accumulate} for owner in owners}
     adapter = loaded.info.adapter
 
     sites: dict = {}  # SiteRef -> Site: each site is placed once, however many probes read it
@@ -256,7 +257,7 @@ def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list,
         per_owner.pop(owner)
     reads = [(owner, read) for owner, read in reads if owner not in unplaceable]
     if not reads:
-        return {owner: collected.reductions for owner, collected in per_owner.items()}
+        return {owner: {} for owner in per_owner}
     # Only eager attention computes probabilities: switched on for this model's pass, then back.
     reads_attention = any(read.site.kind == ATTENTION for _, read in reads)
     remote = getattr(loaded, "remote", False)  # the plan runs on NDIF, or its local simulation
@@ -273,23 +274,35 @@ def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list,
             for batch in progress(batches, desc=f"{name}: batches"):
                 if remote:
                     backend = remote_mod.backend(envoy, remote, shipped)
-                sink, failed = trace.run_batch(envoy, steps, batch, backend)
-                for owner in per_owner:
-                    if owner not in failed:
-                        try:
-                            per_owner[owner].add(sink[owner])
-                        except Exception as exc:
-                            failed[owner] = exc
+                # a remote pass cannot add to totals here: its results are folded in below
+                sink, failed = trace.run_batch(envoy, steps, batch, backend, None if remote else totals)
                 for owner, exc in failed.items():
                     outcome.fail(name, "probe", owner, exc)
                     per_owner.pop(owner, None)
-                del sink  # this batch's results are folded in: nothing of it is kept
+                    totals.pop(owner, None)
+                for owner in per_owner:
+                    try:
+                        kept = {key: value for key, value in sink[owner].items() if key not in accumulating[owner]}
+                        for key in set(sink[owner]) - set(kept):
+                            trace.fold(totals.setdefault(owner, {}), key, sink[owner][key])
+                    except Exception as exc:
+                        failed[owner] = exc
+                        continue
+                    if kept:
+                        per_owner[owner].append(kept)
+                for owner, exc in failed.items():
+                    if owner in per_owner:
+                        outcome.fail(name, "probe", owner, exc)
+                        per_owner.pop(owner)
+                        totals.pop(owner, None)
+                del sink
+                trace.release_freed_memory()  # what this batch freed goes back to the system
                 steps = [s for s in (trace.without(step, failed) for step in steps) if s.reads]
     except Exception as exc:  # the pass itself broke: every probe still reading fails
         for owner in per_owner:
             outcome.fail(name, "probe", owner, exc)
         return {}
-    return {owner: collected.reductions for owner, collected in per_owner.items()}
+    return {owner: trace.gather(parts, totals.get(owner, {})) for owner, parts in per_owner.items()}
 
 
 def _weights_only(tasks: Sequence[ProbeTask], info: models_mod.ModelInfo) -> bool:

@@ -52,9 +52,11 @@ def without(step: Step, owners: Any) -> Step:
     return Step(step.module, step.port, step.order, [r for r in step.reads if r[0] not in owners])
 
 
-def _apply(step: Step, value: Any, batch: Batch, sink: dict, failed: dict) -> None:
+def _apply(step: Step, value: Any, batch: Batch, sink: dict, failed: dict, totals: dict | None) -> None:
     """Reduce one module's value for every read of it; a read that raises marks its
-    owner failed and the other owners go on."""
+    owner failed and the other owners go on. A read that accumulates is added to its
+    running total in ``totals`` at once (:func:`fold`), so no result of it waits in
+    ``sink`` while the rest of the pass allocates around it."""
     for owner, site, read in step.reads:
         if owner in failed:
             continue
@@ -64,9 +66,31 @@ def _apply(step: Step, value: Any, batch: Batch, sink: dict, failed: dict) -> No
                 hidden = hidden.reshape(*batch.input_ids.shape, -1)
             if site.finish is not None:
                 hidden = site.finish(hidden, batch)
-            sink[owner][read.key] = read.reduce(hidden, batch)
+            result = read.reduce(hidden, batch)
+            if read.accumulate and totals is not None:
+                fold(totals.setdefault(owner, {}), read.key, result)
+            else:
+                sink[owner][read.key] = result
         except Exception as exc:
             failed[owner] = exc
+
+
+def fold(totals: dict, key: Any, result: torch.Tensor) -> None:
+    """Add one batch's ``result`` to the running total of ``key``, in place; the first
+    batch's result is copied (a reduction may return a view of the activation, which
+    must not be kept alive).
+
+    :raises ValueError: the result's shape differs from the first batch's.
+    """
+    total = totals.get(key)
+    if total is None:
+        totals[key] = result.detach().clone()
+    elif total.shape != result.shape:
+        raise ValueError(f"the reduction of {key!r} accumulates over batches, but returned shape "
+                         f"{tuple(result.shape)} after {tuple(total.shape)}; an accumulating "
+                         "reduction returns the same shape for every batch")
+    else:
+        total += result
 
 
 def _envoy_at(envoy: Any, path: str) -> Any:
@@ -84,14 +108,20 @@ def _port(module: Any, port: str) -> Any:
     return module
 
 
-def run_batch(envoy: Any, steps: list[Step], batch: Batch, backend: Any = None) -> tuple[dict, dict]:
+def run_batch(envoy: Any, steps: list[Step], batch: Batch, backend: Any = None,
+              totals: dict | None = None) -> tuple[dict, dict]:
     """One traced forward pass over ``batch``.
 
     :param backend: an nnsight backend that runs the pass elsewhere (NDIF, or its local
         simulation: :mod:`probescope.remote`); the block then travels as a request and
         only what it saves (the reductions and the failures) comes back.
-    :returns: ``(results, failures)``: ``results[owner][key]`` is each read's reduction,
-        ``failures[owner]`` the exception that stopped an owner's reads.
+    :param totals: ``totals[owner][key]``, the running total of each read that
+        accumulates, updated in place inside the pass (made on the first batch). None
+        (always for a remote pass, whose changes to outside objects do not come back):
+        those reads' results come back in ``results`` like the others.
+    :returns: ``(results, failures)``: ``results[owner][key]`` is each read's reduction
+        (reads that accumulate are in ``totals`` instead, when given), ``failures[owner]``
+        the exception that stopped an owner's reads.
     """
     owners = {owner for step in steps for owner, _, _ in step.reads}
     ports = [(_envoy_at(envoy, step.module), step.port) for step in steps]
@@ -109,7 +139,7 @@ def run_batch(envoy: Any, steps: list[Step], batch: Batch, backend: Any = None) 
             sink = nnsight.save({owner: {} for owner in owners})
             failed = nnsight.save({})
             for step, (module, port) in zip(steps, ports):
-                _apply(step, _port(module, port), batch, sink, failed)
+                _apply(step, _port(module, port), batch, sink, failed, totals)
             tracer.stop()
     return sink, failed
 
@@ -184,36 +214,51 @@ def _set_attention(model: torch.nn.Module, implementation: str) -> None:
         model.config._attn_implementation = implementation
 
 
-@dataclass
-class Collected:
-    """One probe's reductions as batches come: ``reductions[key]`` is one tensor per
-    batch, or, for a key in ``accumulating`` (a :class:`Read` with ``accumulate``), one
-    tensor that each batch's result is added to in place, so that the batch's own result
-    is freed at once and memory does not grow with the number of batches."""
-
-    reductions: dict[Any, list[torch.Tensor]] = field(default_factory=dict)
-    accumulating: set = field(default_factory=set)
-
-    def add(self, results: dict[Any, torch.Tensor]) -> None:
-        """Fold in one batch's ``{key: tensor}``.
-
-        :raises ValueError: an accumulating reduction changed shape between batches.
-        """
+def gather(per_batch: list[dict[Any, torch.Tensor]], totals: dict[Any, torch.Tensor]) -> dict[Any, list[torch.Tensor]]:
+    """One probe's reductions for :attr:`probescope.ProbeRun.reductions`: per-batch
+    ``{key: tensor}`` dicts as ``{key: [tensor per batch]}``, and each accumulated total
+    as ``{key: [total]}``."""
+    out: dict[Any, list[torch.Tensor]] = {}
+    for results in per_batch:
         for key, tensor in results.items():
-            tensor = tensor.detach()
-            parts = self.reductions.setdefault(key, [])
-            if key not in self.accumulating:
-                parts.append(tensor)
-            elif not parts:
-                parts.append(tensor.clone())  # a tensor of its own (not an inference tensor) to add to
-            elif parts[0].shape != tensor.shape:
-                raise ValueError(f"the reduction of {key!r} accumulates over batches, but returned shape "
-                                 f"{tuple(tensor.shape)} after {tuple(parts[0].shape)}; an accumulating "
-                                 "reduction returns the same shape for every batch")
-            else:
-                parts[0] += tensor
+            out.setdefault(key, []).append(tensor.detach())
+    for key, total in totals.items():
+        out[key] = [total.clone()]  # a plain tensor, no longer an inference-mode one
+    return out
 
 
 def on_cpu(reductions: dict[Any, list[torch.Tensor]]) -> dict[Any, list[torch.Tensor]]:
     """``{key: [tensor, ...]}`` with every tensor moved to the CPU."""
     return {key: [t.to("cpu") for t in parts] for key, parts in reductions.items()}
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed since the last call back to the operating system (glibc's
+    ``malloc_trim``; nothing elsewhere).
+
+    glibc keeps freed blocks below its mmap threshold, and raises that threshold to the
+    size of each large block freed, so after the first batch a pass's activations come
+    from the heap and stay in the process once freed; with a few small allocations
+    kept between them (results, Python objects), the heap cannot shrink and the resident
+    set grows batch after batch above what is live. Called after each batch, it keeps
+    the resident set near the live memory of one batch.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+_TRIM: list = []
+
+
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl)."""
+    if not _TRIM:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM.append(getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim"))
+        except (OSError, AttributeError):
+            _TRIM.append(None)
+    return _TRIM[0]

@@ -251,9 +251,9 @@ def test_activation_statistics_share_the_single_trace(gpt2, tokenizer, monkeypat
     calls = []
     original = trace.run_batch
 
-    def counting(envoy, steps, batch, *backend):
+    def counting(envoy, steps, batch, *rest):
         calls.append(sorted({owner for step in steps for owner, _, _ in step.reads}))
-        return original(envoy, steps, batch, *backend)
+        return original(envoy, steps, batch, *rest)
 
     monkeypatch.setattr(trace, "run_batch", counting)
     out = probescope.run(config({"use": "component_norm"}, {"use": "token_similarity"}, batch_size=1),

@@ -142,19 +142,25 @@ def test_activation_norm_accumulates_one_total_per_key_equal_to_forward_hooks(gp
 
 
 def test_accumulated_totals_equal_the_per_batch_sums_they_replace():
-    collected = trace_mod.Collected(accumulating={"acc"})
     parts = [torch.tensor([1.5, 2.0], dtype=torch.float64), torch.tensor([0.25, 3.0], dtype=torch.float64),
              torch.tensor([1e-9, 1.0], dtype=torch.float64)]
-    with torch.inference_mode():  # reductions are made inside the traced pass
-        batches = [{"acc": p.clone(), "kept": p.clone()} for p in parts]
-    for results in batches:
-        collected.add(results)
-    assert collected.reductions["acc"][0].tolist() == torch.stack(parts).sum(0).tolist()
-    assert len(collected.reductions["acc"]) == 1
-    assert [t.tolist() for t in collected.reductions["kept"]] == [p.tolist() for p in parts]
-    with pytest.raises(ValueError, match=r"the reduction of 'acc' accumulates over batches, but returned shape \(3,\) "
-                                         r"after \(2,\)"):
-        collected.add({"acc": torch.zeros(3)})
+    totals: dict = {}
+    with torch.inference_mode():  # reductions are made and folded inside the traced pass
+        for part in parts:
+            result = part.clone()
+            trace_mod.fold(totals, "acc", result)
+        assert result.tolist() == parts[-1].tolist()  # a result is never written to
+        with pytest.raises(ValueError, match=r"the reduction of 'acc' accumulates over batches, but returned "
+                                             r"shape \(3,\) after \(2,\)"):
+            trace_mod.fold(totals, "acc", torch.zeros(3))
+    gathered = trace_mod.gather([{"kept": p} for p in parts], totals)
+    assert gathered["acc"][0].tolist() == torch.stack(parts).sum(0).tolist() and len(gathered["acc"]) == 1
+    assert [t.tolist() for t in gathered["kept"]] == [p.tolist() for p in parts]
+    gathered["acc"][0] += 1  # a plain tensor the probe may change
+    view = torch.arange(4.0)
+    trace_mod.fold(totals, "view", view[:2])
+    trace_mod.fold(totals, "view", view[:2])
+    assert view.tolist() == [0.0, 1.0, 2.0, 3.0]  # the first result was copied, not added to
 
 
 class InOrder(probescope.Probe):
