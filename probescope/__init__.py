@@ -35,7 +35,7 @@ _HOME = {
     **dict.fromkeys(('Probe', 'ProbeRun', 'Read'), 'probescope.probe'),
     **dict.fromkeys(('clean_token',), 'probescope.tokens'),
     **dict.fromkeys(('DatasetSchema', 'Variable'), 'probescope.schema'),
-    **dict.fromkeys(('Renderer', 'RendererError', 'RendererParameters', 'add_title', 'check_dataset', 'coord_text', 'index_values', 'known_colormap', 'panel_grid'), 'probescope.renderer'),
+    **dict.fromkeys(('Renderer', 'RendererError', 'RendererParameters', 'add_title', 'check_dataset', 'coord_text', 'index_values', 'known_colormap', 'layer_choice_problems', 'panel_grid', 'prompt_problems'), 'probescope.renderer'),
     **dict.fromkeys(('load', 'render', 'run'), 'probescope.api'),
     **dict.fromkeys(('combine',), 'probescope.results'),
     **dict.fromkeys(('lazy_import',), 'probescope.lazy_imports'),
@@ -48,7 +48,7 @@ __all__ = [
     # writing plugins
     "hookimpl", "Probe", "ProbeRun", "Read", "Parameters", "ConfigPath", "distinct",
     "Renderer", "RendererParameters", "RendererError", "add_title", "check_dataset", "panel_grid",
-    "known_colormap", "index_values", "coord_text", "clean_token",
+    "known_colormap", "index_values", "coord_text", "clean_token", "prompt_problems", "layer_choice_problems",
     "DatasetSchema", "Variable",
     "Batch", "Prompt", "TOKEN_KINDS", "THUMBNAIL_SIDE", "token_kind_codes", "thumbnails", "ModelInfo", "LoadedModel", "ModelLayout", "streamed_layout", "progress",
     "ModelEntry", "read_config", "load_weights", "is_model_folder", "lazy_import",

@@ -140,6 +140,37 @@ def check_dataset(ds: xr.Dataset, schema: "DatasetSchema", *, model: str, render
                     f"{renderer} draws the {schema.probe} probe's datasets")
 
 
+def prompt_problems(index: int, prompts: Sequence[str], key: str = "prompt") -> list[Problem]:
+    """A renderer's choice of one prompt, checked against the run's prompts before any
+    model loads: a problem when ``index`` is not one of them."""
+    if 0 <= index < len(prompts):
+        return []
+    return [Problem(key, f"prompt {index} is out of range: the run has {len(prompts)} prompts "
+                         f"(0 to {len(prompts) - 1})")]
+
+
+def layer_choice_problems(wanted: Iterable[Any] | None, num_layers: int, read: Iterable[int] | None = None,
+                          key: str = "layers") -> list[Problem]:
+    """A renderer's choice of layers (as users write them: negative, ``"last"``,
+    ``"embed"``), checked before any model loads: a problem for each layer the model does
+    not have, and, given ``read`` (the layers the probe reads, resolved), for each the
+    probe does not read."""
+    from probescope.layers import layer_label, resolve_layer
+
+    read = None if read is None else list(read)
+    problems = []
+    for i, want in enumerate(wanted or ()):
+        try:
+            value = resolve_layer(want, num_layers)
+        except ValueError as exc:
+            problems.append(Problem(f"{key}[{i}]", str(exc)))
+            continue
+        if read is not None and value not in read:
+            have = ", ".join(map(layer_label, read))
+            problems.append(Problem(f"{key}[{i}]", f"layer {want!r} is not among the layers the probe reads ({have})"))
+    return problems
+
+
 def panel_grid(n: int, columns: Optional[int] = None) -> tuple[int, int]:
     """``(rows, columns)`` of a grid of ``n`` panels, at most ``columns`` per row; by
     default one row of up to three, a 2 x 2 grid for four, three per row beyond."""

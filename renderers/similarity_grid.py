@@ -42,6 +42,7 @@ from probescope import (
     EMBED, EMBED_LAYER, Layer, Problem, Renderer, RendererError, RendererParameters, add_title, check_dataset,
     coord_text, distinct_layers,
     clean_token, hookimpl, index_values, known_colormap, layer_label, resolve_layer, resolve_layers, lazy_import,
+    layer_choice_problems, prompt_problems,
 )
 from probescope.probes.token_similarity import SCHEMA, as_pairs, prompt_matrix
 
@@ -223,23 +224,12 @@ class SimilarityGridRenderer(Renderer):
             problems.append(Problem("probe", f'similarity_grid draws every pair of tokens of one prompt, which '
                                              f'token_similarity\'s form = "{probe_params.form}" does not keep: '
                                              'draw it with similarity_by_distance, or give the probe form = "full"'))
-        if params.prompt >= len(prompts):
-            problems.append(Problem("prompt", f"prompt {params.prompt} is out of range: the run has "
-                                              f"{len(prompts)} prompts (0 to {len(prompts) - 1})"))
+        problems += prompt_problems(params.prompt, prompts)
         try:
             read = resolve_layers(getattr(probe_params, "layers", None), model.num_layers)
         except ValueError:  # the probe's own check reports its layers; ours are still checked
             read = None
-        for i, want in enumerate(params.layers or ()):
-            try:
-                value = resolve_layer(want, model.num_layers)
-            except ValueError as exc:
-                problems.append(Problem(f"layers[{i}]", str(exc)))
-                continue
-            if read is not None and value not in read:
-                have = ", ".join(map(layer_label, read))
-                problems.append(Problem(f"layers[{i}]", f"layer {want!r} is not among the layers the probe reads ({have})"))
-        return problems
+        return problems + layer_choice_problems(params.layers, model.num_layers, read)
 
     def render(self, datasets: Sequence[xr.Dataset], params: Any = None) -> mfigure.Figure:
         """Draw one prompt of the ``token_similarity`` datasets (one per model, in order).

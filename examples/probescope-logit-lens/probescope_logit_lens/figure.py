@@ -20,8 +20,8 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator
 
 from probescope import (
-    Layer, Problem, Renderer, RendererError, RendererParameters, add_title, coord_text, distinct, index_values,
-    known_colormap, layer_label, lazy_import, resolve_layer,
+    Layer, Renderer, RendererError, RendererParameters, add_title, coord_text, distinct, index_values,
+    known_colormap, layer_choice_problems, layer_label, lazy_import, prompt_problems, resolve_layer,
 )
 
 from probescope_logit_lens.lens import SCHEMA
@@ -84,26 +84,13 @@ class LogitLensMap(Renderer):
     schema = SCHEMA
 
     def check(self, params, *, prompts, probe_params, model):
-        problems = []
-        if params.prompt >= len(prompts):
-            problems.append(Problem("prompt", f"prompt {params.prompt} is out of range: the run has "
-                                              f"{len(prompts)} prompts (0 to {len(prompts) - 1})"))
         read = None
         if getattr(probe_params, "layers", None) is not None:
             try:
                 read = [resolve_layer(layer, model.num_layers) for layer in probe_params.layers]
             except ValueError:  # the probe's own check reports it
                 pass
-        for i, want in enumerate(params.layers or ()):
-            try:
-                value = resolve_layer(want, model.num_layers)
-            except ValueError as exc:
-                problems.append(Problem(f"layers[{i}]", str(exc)))
-                continue
-            if read is not None and value not in read:
-                have = ", ".join(map(layer_label, read))
-                problems.append(Problem(f"layers[{i}]", f"layer {want!r} is not among the layers the probe reads ({have})"))
-        return problems
+        return prompt_problems(params.prompt, prompts) + layer_choice_problems(params.layers, model.num_layers, read)
 
     def render(self, datasets, params=None):
         params = self.parameters(params)
