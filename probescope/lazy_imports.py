@@ -5,7 +5,7 @@ torch, xarray and matplotlib take seconds to import, and every probe and rendere
 needs one of them. Listing plugins imports every plugin module, yet only reads names,
 descriptions and parameter schemas. ``torch = lazy_import("torch")`` at module level reads
 like the import it replaces; the library is imported the first time an attribute is read
-(``torch.float32``), and from then on reads go straight to the library's own attributes.
+(``torch.float32``), and each name read is kept, so later reads are plain attribute hits.
 
 Third-party plugins use it the same way (``from probescope import lazy_import``). A name
 read at import time (a default argument ``dtype=torch.float32``, a class deriving from a
@@ -22,16 +22,14 @@ class LazyModule(ModuleType):
     """Stands for module ``name`` until an attribute is read, then imports it."""
 
     def __getattr__(self, attr: str):
-        # Called only for attributes not yet in this object's __dict__: the first read
-        # imports the module and copies its namespace here, so later reads are plain
-        # attribute hits. Names the module gains afterwards (submodules imported later)
-        # still arrive through this fallback.
+        # Called only for attributes not yet in this object's __dict__: the first read of
+        # a name imports the module (once; later it is a sys.modules lookup) and keeps the
+        # value here, so every later read of that name is a plain attribute hit.
         if attr.startswith("__") and attr.endswith("__") and attr not in ("__version__", "__file__", "__path__"):
             raise AttributeError(attr)
-        module = importlib.import_module(self.__name__)
-        for key, value in vars(module).items():
-            self.__dict__.setdefault(key, value)
-        return getattr(module, attr)
+        value = getattr(importlib.import_module(self.__name__), attr)
+        self.__dict__[attr] = value
+        return value
 
     def __reduce__(self):
         # Pickled as the import of the module it stands for: a function shipped by value

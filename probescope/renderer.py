@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Optional, Sequence
 from pydantic import Field
 
 from probescope.errors import PluginError, Problem
+from probescope.layers import layer_label, resolve_layer
 from probescope.params import Parameters, coerce_parameters  # noqa: F401  (renderers coerce with it)
 from probescope.lazy_imports import lazy_import
 
@@ -155,8 +156,6 @@ def layer_choice_problems(wanted: Iterable[Any] | None, num_layers: int, read: I
     ``"embed"``), checked before any model loads: a problem for each layer the model does
     not have, and, given ``read`` (the layers the probe reads, resolved), for each the
     probe does not read."""
-    from probescope.layers import layer_label, resolve_layer
-
     read = None if read is None else list(read)
     problems = []
     for i, want in enumerate(wanted or ()):
