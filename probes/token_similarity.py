@@ -14,9 +14,10 @@ prompt's ``(layer, token, context_token)`` matrix back.
 
 With ``form = "by_distance"`` only a summary leaves the trace: per layer and token
 distance ``i - j``, the sum, sum of squares and count of the similarities of every real
-pair in the batch. The dataset holds their mean, standard deviation and count, so its
-size depends on the longest prompt, never on how many prompts there are (the figure is
-``similarity_by_distance``).
+pair in the batch (:func:`distance_totals`), added at once to one running total per
+layer for the whole run. The dataset holds their mean, standard deviation and count, so
+its size, and the run's memory, depend on the longest prompt, never on how many prompts
+there are (the figure is ``similarity_by_distance``).
 """
 
 from __future__ import annotations
@@ -276,19 +277,27 @@ def as_pairs(ds: xr.Dataset) -> xr.Dataset:
 
 
 def distance_totals(sims: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``(3, 2 * token - 1)`` float64: the sum, the sum of squares and the number of the
-    kept similarities of a ``(batch, token, token)`` batch at each token distance i - j,
-    from ``-(token - 1)`` (column 0) to ``token - 1``. What ``form = "by_distance"`` keeps
-    of a batch: its size does not depend on the batch's prompts."""
+    """``(3, 2, token)`` float64: the sum, the sum of squares and the number (axis 0) of
+    the kept similarities of a ``(batch, token, token)`` batch at each token distance
+    ``d = i - j``. Row 0 of axis 1 holds ``d >= 0`` at column ``d``; row 1 holds the
+    negative distances (j > i, only among a bidirectional prefix's tokens) at column
+    ``-d`` (its column 0 stays zero). What ``form = "by_distance"`` keeps of a batch: its
+    size does not depend on the number of prompts.
+
+    Start-aligned (column ``k`` is the same distance whatever the batch's length), so
+    totals of batches of different lengths add up after zero-padding the shorter one at
+    its end: the read says :attr:`probescope.Read.last_dim_grows`, and one running total
+    serves the whole run."""
     b, n, _ = sims.shape
     position = torch.arange(n, device=sims.device)
-    column = (position.unsqueeze(1) - position.unsqueeze(0) + (n - 1)).expand(b, n, n)[keep]
+    offset = position.unsqueeze(1) - position.unsqueeze(0)  # i - j
+    column = (torch.where(offset < 0, n - offset, offset)).expand(b, n, n)[keep]  # row 1 starts at n
     values = sims[keep].to(torch.float64)
-    totals = torch.zeros(3, 2 * n - 1, dtype=torch.float64, device=sims.device)
+    totals = torch.zeros(3, 2 * n, dtype=torch.float64, device=sims.device)
     totals[0].index_add_(0, column, values)
     totals[1].index_add_(0, column, values * values)
     totals[2].index_add_(0, column, torch.ones_like(values))
-    return totals
+    return totals.view(3, 2, n)
 
 
 class TokenSimilarity(Probe):
@@ -320,10 +329,12 @@ class TokenSimilarity(Probe):
         def totals(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
             return distance_totals(matrix(hidden, batch), kept_pairs(batch.mask, batch.prefix_mask))
 
-        reduce = totals if params.form == "by_distance" else pairs
-
+        # by_distance: one running total per layer for the whole run, grown to the
+        # longest batch (distance_totals is start-aligned); full: every batch's pairs.
+        summary = params.form == "by_distance"
         return [
-            Read(layer, embed() if layer == EMBED_LAYER else resid(layer), reduce)
+            Read(layer, embed() if layer == EMBED_LAYER else resid(layer), totals if summary else pairs,
+                 accumulate=summary, last_dim_grows=summary)
             for layer in resolve_layers(params.layers, model.num_layers)
         ]
 
@@ -439,15 +450,21 @@ _LABELS = {"cosine": "cosine similarity", "centred_cosine": "centred cosine simi
 
 
 def _by_distance(params: TokenSimilarityParameters, run: ProbeRun) -> xr.Dataset:
-    """The ``by_distance`` dataset: every batch's totals (:func:`distance_totals`) added
-    up per layer, then mean and standard deviation per distance."""
+    """The ``by_distance`` dataset: each layer's running total of the run
+    (:func:`distance_totals`, added up batch by batch inside the pass), laid out from
+    distance ``-(width - 1)`` to ``width - 1``, then mean and standard deviation per
+    distance."""
     layers = resolve_layers(params.layers, run.model.info.num_layers)
-    width = max(len(p) for p in run.prompts)
+    parts = {}
+    for layer in layers:
+        (parts[layer],) = run.reductions[layer]  # the read accumulates: one total per layer
+    width = max(int(part.shape[-1]) for part in parts.values())
     totals = np.zeros((len(layers), 3, 2 * width - 1))
     for li, layer in enumerate(layers):
-        for batch in run.reductions[layer]:
-            n = (batch.shape[1] + 1) // 2
-            totals[li, :, width - n : width + n - 1] += batch.numpy()
+        part = parts[layer].numpy()  # (3, 2, n): row 0 distances 0..n-1, row 1 (none), -1, ..., -(n-1)
+        n = part.shape[-1]
+        totals[li, :, width - 1 : width - 1 + n] = part[:, 0]
+        totals[li, :, width - n : width - 1] += part[:, 1, :0:-1]
     counts = totals[0, 2]
     present = np.flatnonzero(counts > 0)
     totals = totals[:, :, present]

@@ -65,12 +65,26 @@ class Read:
         :attr:`ProbeRun.reductions` then holds one tensor under ``key``, the total, and
         memory does not grow with the number of prompts. For sums and counts that the
         probe turns into means in :meth:`Probe.build`.
+    :param last_dim_grows: with ``accumulate``, the result's last dimension may differ
+        from batch to batch (it follows the batch's longest prompt, say: a total per
+        token position or token distance); every other dimension may not. The running
+        total and each new result are zero-padded at the end of that dimension to the
+        longer of the two before they are added, so the total ends as long as the
+        longest result and index ``k`` means the same in every batch. Lay the result out
+        so that this holds: index 0 first, growing upward, nothing centred (put negative
+        offsets in a separate row, not before index 0), and zero meaning "nothing here".
     """
 
     key: Hashable
     site: SiteRef
     reduce: Reduction
     accumulate: bool = False
+    last_dim_grows: bool = False
+
+    def __post_init__(self) -> None:
+        if self.last_dim_grows and not self.accumulate:
+            raise ValueError(f"Read {self.key!r}: last_dim_grows=True pads a running total, so it needs "
+                             "accumulate=True too")
 
 
 @dataclass

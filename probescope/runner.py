@@ -231,7 +231,8 @@ def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list,
     owners = list(dict.fromkeys(owner for owner, _ in reads))
     per_owner: dict[str, list[dict]] = {owner: [] for owner in owners}  # per batch: {key: tensor}
     totals: dict[str, dict] = {}  # owner -> key -> running total of a read that accumulates
-    accumulating = {owner: {read.key for o, read in reads if o == owner and read.accumulate} for owner in owners}
+    # owner -> key -> its read, for the reads that accumulate
+    accumulating = {owner: {read.key: read for o, read in reads if o == owner and read.accumulate} for owner in owners}
     adapter = loaded.info.adapter
 
     sites: dict = {}  # SiteRef -> Site: each site is placed once, however many probes read it
@@ -284,7 +285,8 @@ def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list,
                     try:
                         kept = {key: value for key, value in sink[owner].items() if key not in accumulating[owner]}
                         for key in set(sink[owner]) - set(kept):
-                            trace.fold(totals.setdefault(owner, {}), key, sink[owner][key])
+                            trace.fold(totals.setdefault(owner, {}), key, sink[owner][key],
+                                       accumulating[owner][key].last_dim_grows)
                     except Exception as exc:
                         failed[owner] = exc
                         continue

@@ -68,29 +68,48 @@ def _apply(step: Step, value: Any, batch: Batch, sink: dict, failed: dict, total
                 hidden = site.finish(hidden, batch)
             result = read.reduce(hidden, batch)
             if read.accumulate and totals is not None:
-                fold(totals.setdefault(owner, {}), read.key, result)
+                fold(totals.setdefault(owner, {}), read.key, result, read.last_dim_grows)
             else:
                 sink[owner][read.key] = result
         except Exception as exc:
             failed[owner] = exc
 
 
-def fold(totals: dict, key: Any, result: torch.Tensor) -> None:
+def fold(totals: dict, key: Any, result: torch.Tensor, last_dim_grows: bool = False) -> None:
     """Add one batch's ``result`` to the running total of ``key``, in place; the first
     batch's result is copied (a reduction may return a view of the activation, which
     must not be kept alive).
 
-    :raises ValueError: the result's shape differs from the first batch's.
+    :param last_dim_grows: the last dimension may differ between batches
+        (:attr:`probescope.Read.last_dim_grows`): the shorter of the total and ``result``
+        counts as zero-padded at its end. A longer result replaces the total by a longer
+        one (in the total's dtype); a shorter one is added to the total's first columns.
+    :raises ValueError: the result's shape differs from the first batch's (with
+        ``last_dim_grows``: in any but the last dimension).
     """
     total = totals.get(key)
     if total is None:
         totals[key] = result.detach().clone()
-    elif total.shape != result.shape:
+    elif total.shape == result.shape:
+        total += result
+    elif last_dim_grows and result.dim() == total.dim() >= 1 and result.shape[:-1] == total.shape[:-1]:
+        have = total.shape[-1]
+        if result.shape[-1] > have:
+            grown = total.new_zeros(result.shape)
+            grown[..., :have] = total
+            grown += result
+            totals[key] = grown
+        else:
+            total[..., : result.shape[-1]] += result
+    elif last_dim_grows:
+        raise ValueError(f"the reduction of {key!r} accumulates over batches with a last dimension that may "
+                         f"grow, but returned shape {tuple(result.shape)} after {tuple(total.shape)}; every "
+                         "dimension but the last must stay the same")
+    else:
         raise ValueError(f"the reduction of {key!r} accumulates over batches, but returned shape "
                          f"{tuple(result.shape)} after {tuple(total.shape)}; an accumulating "
-                         "reduction returns the same shape for every batch")
-    else:
-        total += result
+                         "reduction returns the same shape for every batch (a read whose last dimension "
+                         "follows the batch says last_dim_grows=True)")
 
 
 def _envoy_at(envoy: Any, path: str) -> Any:

@@ -149,6 +149,55 @@ def test_similarity_at_every_layer_matches_output_hidden_states(name, vlms, runs
         assert ds.attrs["attention"] == "causal" and "n_prefix_tokens" not in ds.coords
 
 
+def test_by_distance_of_a_bidirectional_prefix_counts_negative_distances(vlms, pictures, monkeypatch):
+    """PaliGemma's whole prompt is one bidirectional prefix, so pairs j > i count at
+    negative distances i - j. Batches of one, in the prompts' order (lengths up, then
+    down), fold into one total per layer (negative distances in their own row of it),
+    equal to the plain pairwise means of output_hidden_states, prompt by prompt."""
+    from probescope import runner as runner_mod
+    from probescope.probes.token_similarity import TokenSimilarity
+
+    vlm = vlms["paligemma"]
+    bare = copy.deepcopy(vlm.model)
+    prompts = ["The cat sat on the mat.", PROMPTS[0], "a"]
+    images = [pictures / "tall.png", pictures / "wide.jpg", pictures / "tall.png"]
+    monkeypatch.setattr(runner_mod, "_any_prompt_order", lambda tasks, info: False)
+    seen = {}
+    build = TokenSimilarity.build
+    monkeypatch.setattr(TokenSimilarity, "build",
+                        lambda self, params, run: seen.update(run.reductions) or build(self, params, run))
+    config = {"inputs": {"prompts": prompts, "images": [str(i) for i in images], "batch_size": 1},
+              "probes": [{"use": "token_similarity", "layers": ["embed", 1], "form": "by_distance"}]}
+    ds = probescope.run(config, models={"m": (copy.deepcopy(vlm.model), vlm.processor)},
+                        write=False)["m"]["token_similarity"]
+    pooled = {layer: {} for layer in (-1, 1)}
+    lengths = []
+    for prompt, image in zip(prompts, images):
+        encoded = encode(vlm, "paligemma", prompt, image)
+        n = encoded["input_ids"].shape[1]
+        lengths.append(n)
+        states = reference_states(bare, encoded)
+        for layer in pooled:
+            sims = reference_similarity(states[layer + 1], prefix=n)  # every pair, both ways
+            for i in range(n):
+                for j in range(n):
+                    pooled[layer].setdefault(i - j, []).append(sims[i, j])
+    assert lengths[0] < lengths[1] > lengths[2]
+    assert all(len(parts) == 1 and tuple(parts[0].shape) == (3, 2, max(lengths)) for parts in seen.values())
+    assert all(parts[0][:, 1].any() for parts in seen.values())  # the row of negative distances
+    distances = sorted(pooled[-1])
+    assert distances == list(range(1 - max(lengths), max(lengths)))
+    assert list(ds.distance.values) == distances
+    assert list(ds.n_pairs.values) == [len(pooled[-1][d]) for d in distances]
+    assert list(ds.n_pairs.values) == [sum(max(n - abs(d), 0) for n in lengths) for d in distances]
+    for li, layer in enumerate(pooled):
+        np.testing.assert_allclose(ds.similarity.isel(layer=li).values,
+                                   [np.mean(pooled[layer][d]) for d in distances], atol=2e-5)
+        np.testing.assert_allclose(ds.similarity_std.isel(layer=li).values,
+                                   [np.std(pooled[layer][d]) for d in distances], atol=1e-4)
+    assert ds.attrs["attention"] == "bidirectional prefix"
+
+
 @pytest.mark.parametrize("name", list(vlm_models.BUILDERS))
 def test_token_kind_matches_the_processors_image_positions(name, vlms, runs, pictures):
     vlm, ds = vlms[name], runs[name]["token_similarity"]
