@@ -236,15 +236,32 @@ def _draw(panels: list[_Panel], params: SimilarityByDistanceParameters, ylabel: 
         for k in range(len(panels)):
             axes[k // n_cols][k % n_cols].legend(fontsize=7, frameon=False)
     else:  # a colour bar of depth instead of a legend of many layers
-        depths = {p.num_layers for p in panels}
-        top = depths.pop() if len(depths) == 1 else None
-        shades = mcolors.ListedColormap(cmap(np.linspace(0.0, 0.9, 256)))
-        mapper = mcm.ScalarMappable(norm=mcolors.Normalize(-1, top - 1) if top else mcolors.Normalize(0, 1), cmap=shades)
-        bar = figure.colorbar(mapper, ax=axes.ravel().tolist(), location="right", aspect=30, pad=0.02)
-        bar.set_label("layer (-1: embedding)" if top else "relative depth (0: embedding, 1: last block)", fontsize=9)
-        bar.ax.tick_params(labelsize=8)
+        _depth_bar(figure, axes, panels, cmap)
     add_title(figure, params.title)
     return figure
+
+
+def _depth_bar(figure: mfigure.Figure, axes: Any, panels: list[_Panel], cmap: Any) -> None:
+    """The colour bar that stands for the legend of many layers. It spans the blocks
+    only, in exactly the colours their lines have (block ``l`` of ``n``: ``0.9 * (l + 1) /
+    n`` along the colour map): by block index when every model has the same depth, else
+    by relative depth. The embedding's line is grey and dashed, not a colour of the bar:
+    the label says so when it is drawn, and says nothing of the embedding when it is not."""
+    depths = {p.num_layers for p in panels}
+    top = depths.pop() if len(depths) == 1 else None
+    embedding = any(value == EMBED_LAYER for p in panels for value, _ in p.layers)
+    if top:
+        shades = mcolors.ListedColormap(cmap(0.9 * np.linspace(1 / top, 1.0, 256)))
+        norm, label = mcolors.Normalize(0, max(top - 1, 1)), "layer"
+    else:
+        shades = mcolors.ListedColormap(cmap(np.linspace(0.0, 0.9, 256)))
+        norm, label = mcolors.Normalize(0, 1), "relative depth (1: last block)"
+    if embedding:  # a second line, so that the label fits beside the bar
+        label += "\n(grey dashed line: embedding)"
+    bar = figure.colorbar(mcm.ScalarMappable(norm=norm, cmap=shades), ax=axes.ravel().tolist(), location="right",
+                          aspect=30, pad=0.02)
+    bar.set_label(label, fontsize=9)
+    bar.ax.tick_params(labelsize=8)
 
 
 @hookimpl

@@ -95,4 +95,36 @@ def test_many_layers_get_a_colour_bar(gpt2, tokenizer, tmp_path):
     ds = summary(deep, tokenizer, layers=["embed", *range(14)])
     figure = SimilarityByDistanceRenderer().render(ds, {"min_pairs": 1})
     assert len(lines(figure)) == 15 and figure.legends == []
-    assert any(ax.get_ylabel() == "layer (-1: embedding)" for ax in figure.axes)
+    bar = colour_bar(figure)
+    assert bar.ax.get_ylabel() == "layer\n(grey dashed line: embedding)"
+    assert bar_matches_lines(figure, bar, blocks=14) == 14  # every block's line, in the bar's colour
+    without = SimilarityByDistanceRenderer().render(ds.sel(layer=list(range(14))), {"min_pairs": 1})
+    bar = colour_bar(without)
+    assert bar.ax.get_ylabel() == "layer"  # no embedding drawn: the bar says nothing of one
+    assert bar_matches_lines(without, bar, blocks=14) == 14
+    assert bar.mappable.norm.vmin == 0 and bar.mappable.norm.vmax == 13  # blocks only, no -1
+    other = summary(probescope.demo.build_gpt2(tokenizer, n_layer=13, n_embd=16, n_head=2, seed=4), tokenizer,
+                    layers=list(range(13)))
+    both = SimilarityByDistanceRenderer().render([ds.sel(layer=list(range(14))), other], {"min_pairs": 1})
+    assert colour_bar(both).ax.get_ylabel() == "relative depth (1: last block)"
+    both = SimilarityByDistanceRenderer().render([ds, other], {"min_pairs": 1})
+    assert colour_bar(both).ax.get_ylabel() == "relative depth (1: last block)\n(grey dashed line: embedding)"
+
+
+def colour_bar(figure):
+    (bar,) = [ax._colorbar for ax in figure.axes if getattr(ax, "_colorbar", None) is not None]
+    return bar
+
+
+def bar_matches_lines(figure, bar, blocks):
+    """How many block lines of the first panel have the colour the bar gives their layer."""
+    from matplotlib.colors import to_rgba
+
+    matched = 0
+    for label, _, _ in lines(figure):
+        if label.startswith("layer "):
+            line = next(l for l in figure.axes[0].get_lines() if l.get_label() == label)
+            want = bar.mappable.to_rgba(int(label.split()[1]))
+            np.testing.assert_allclose(to_rgba(line.get_color()), want, atol=0.02, err_msg=label)
+            matched += 1
+    return matched
