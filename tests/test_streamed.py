@@ -9,6 +9,7 @@ model in memory, whose own correctness ``test_architectures.py`` checks against 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 
@@ -115,6 +116,32 @@ def test_every_method_equals_the_loaded_layout(case_id, saved):
     assert (folder / INDEX).is_file() and len(list(folder.glob("*.safetensors"))) > 2  # really sharded
     loaded, streamed = layouts(case_id, folder)
     assert_same_layout(streamed, loaded, LAYERS, WIDTH, VOCAB)
+
+
+def held_bytes(tensors) -> int:
+    """Bytes of the distinct storages under ``tensors`` (views of one tensor count once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in tensors if isinstance(t, torch.Tensor)}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_heads_hold_no_more_than_the_weights_they_split(case_id, saved):
+    """``heads()``, in memory and streamed, holds no more bytes than the attention
+    weights and biases it splits (views of them where the layout gives views): grouped-
+    query key/value weights once per key/value head, as stored, not repeated per query
+    head; ``W_K``/``W_V`` make the repeats only when a probe reads them."""
+    for layout in layouts(case_id, saved(case_id)):
+        for layer in range(LAYERS):
+            w = layout.heads(layer)
+            held = held_bytes(getattr(w, f.name) for f in dataclasses.fields(w) if f.name != "kv_head")
+            split = held_bytes([layout.weight(layer, c) for c in ("attn.q", "attn.k", "attn.v", "attn.o")]
+                               + [layout.bias(layer, c) for c in ("attn.q", "attn.k", "attn.v", "attn.o")])
+            assert held <= split, f"{case_id} ({type(layout).__name__}): heads({layer}) holds {held} bytes, " \
+                                  f"the weights it splits {split}"
+            assert w.W_K_kv.shape[0] == w.W_V_kv.shape[0] == w.shape.n_kv_heads
+            same(w.W_K, w.W_K_kv[w.kv_head])
+            same(w.W_V, w.W_V_kv[w.kv_head])
 
 
 def recorded_reads(streamed: StreamedLayout) -> list[str]:

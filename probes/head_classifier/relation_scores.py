@@ -189,13 +189,15 @@ def longest_column(W_U: torch.Tensor, dtype: torch.dtype, budget: int) -> float:
 
 
 def _layer_hits(x: torch.Tensor, source_row: torch.Tensor, target: torch.Tensor, k: torch.Tensor,
-                W_V: torch.Tensor, W_O: torch.Tensor, kv_head: torch.Tensor, W_U: torch.Tensor,
+                W_V_kv: torch.Tensor, W_O: torch.Tensor, kv_head: torch.Tensor, W_U: torch.Tensor,
                 u_norm_max: float, dtype: torch.dtype, budget: int, first_chunk: int, max_chunk: int,
                 stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For one layer: ``(heads, pairs)`` bools, target in the top k / bottom k.
 
     :param x: ``(sources, d)`` distinct source vectors; ``source_row[p]`` is pair p's row.
     :param k: ``(pairs,)`` top-k of each pair's relation.
+    :param W_V_kv: ``(kv_heads, d, hd)`` value weights per key/value head; query head
+        ``h`` reads ``W_V_kv[kv_head[h]]`` (never repeated per query head).
     :param u_norm_max: :func:`longest_column` of ``W_U``.
     :param budget: bytes for everything allocated here, ``x`` included (see the module's
         docstring).
@@ -209,7 +211,7 @@ def _layer_hits(x: torch.Tensor, source_row: torch.Tensor, target: torch.Tensor,
     if P == 0:
         return relation_hit, suppression_hit
     unique_kv = [int(g) for g in torch.unique(kv_head)]
-    W_V_kv = {g: W_V[int((kv_head == g).nonzero()[0])].to(dtype) for g in unique_kv}
+    W_V_kv = {g: W_V_kv[g].to(dtype) for g in unique_kv}
     # What the layer holds throughout: the sources, x W_V's factors, the hits, the pairs' indices.
     room = budget - (x.numel() + len(unique_kv) * d * hd + S * hd) * itemsize - 2 * H * P - 4 * 8 * P
     # Per head of a group: x W_V (S, hd) and its norms, and per pair the target logit and
@@ -378,7 +380,7 @@ def relation_scores(
             x = sources(layer).to(device)
             w = layout.heads(layer)
             give_back_freed_memory()  # what making the sources and reading the block left
-            hit, supp = _layer_hits(x, source_row, target, k, w.W_V.detach(), w.W_O.detach(), w.kv_head.to(device),
+            hit, supp = _layer_hits(x, source_row, target, k, w.W_V_kv.detach(), w.W_O.detach(), w.kv_head.to(device),
                                     W_U, u_norm_max, dtype, budget_bytes, first_chunk, max_chunk, stats)
             del w
             give_back_freed_memory()

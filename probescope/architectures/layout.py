@@ -25,6 +25,7 @@ safetensors files, one layer at a time.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from probescope.architectures.base import (
@@ -72,19 +73,52 @@ class HeadWeights:
 
     With grouped-query attention ``W_K`` and ``W_V`` are given per *query* head: heads
     ``h`` and ``h'`` with ``kv_head[h] == kv_head[h']`` share the same key and value
-    weights (copies of one key/value head). Use ``kv_head`` to compute shared work once.
+    weights (copies of one key/value head). The key/value weights are held once per
+    key/value head, as the model stores them, in ``W_K_kv``, ``W_V_kv``
+    ``(n_kv_heads, d_model, head_dim)`` and ``b_K_kv``, ``b_V_kv`` ``(n_kv_heads,
+    head_dim)`` (views of the weights, like ``W_Q``); ``W_K[h]`` is
+    ``W_K_kv[kv_head[h]]``. ``W_K``, ``W_V``, ``b_K`` and ``b_V`` are made from them when
+    first read (a copy, kept with this object, when the heads are grouped; the same
+    tensors otherwise), so a probe that works per key/value head never pays for the
+    repeats: use ``kv_head`` and the ``*_kv`` weights to compute shared work once.
     """
 
     W_Q: torch.Tensor
-    W_K: torch.Tensor
-    W_V: torch.Tensor
+    W_K_kv: torch.Tensor
+    W_V_kv: torch.Tensor
     W_O: torch.Tensor
     b_Q: torch.Tensor | None
-    b_K: torch.Tensor | None
-    b_V: torch.Tensor | None
+    b_K_kv: torch.Tensor | None
+    b_V_kv: torch.Tensor | None
     b_O: torch.Tensor | None
     kv_head: torch.Tensor  # (n_heads,) long: the key/value head each query head reads
     shape: AttentionShape
+
+    def _per_query(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """A per-key/value-head tensor repeated for each query head that reads it."""
+        if t is None or self.shape.n_kv_heads == self.shape.n_heads:
+            return t
+        return t[self.kv_head.to(t.device)]
+
+    @functools.cached_property
+    def W_K(self) -> torch.Tensor:
+        """``(n_heads, d_model, head_dim)``: query head ``h``'s key weights."""
+        return self._per_query(self.W_K_kv)
+
+    @functools.cached_property
+    def W_V(self) -> torch.Tensor:
+        """``(n_heads, d_model, head_dim)``: query head ``h``'s value weights."""
+        return self._per_query(self.W_V_kv)
+
+    @functools.cached_property
+    def b_K(self) -> torch.Tensor | None:
+        """``(n_heads, head_dim)`` or None: query head ``h``'s key bias."""
+        return self._per_query(self.b_K_kv)
+
+    @functools.cached_property
+    def b_V(self) -> torch.Tensor | None:
+        """``(n_heads, head_dim)`` or None: query head ``h``'s value bias."""
+        return self._per_query(self.b_V_kv)
 
 
 @dataclass
@@ -286,20 +320,15 @@ class ModelLayout:
             b = self.bias(layer, name)
             return None if b is None else b.reshape(n, hd)
 
-        def per_query(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None or KV == H:
-                return t
-            return t[kv_head.to(t.device)]
-
         w_o = self.weight(layer, "attn.o")  # (d, H*hd)
         return HeadWeights(
             W_Q=split_in("attn.q", H),
-            W_K=per_query(split_in("attn.k", KV)),
-            W_V=per_query(split_in("attn.v", KV)),
+            W_K_kv=split_in("attn.k", KV),
+            W_V_kv=split_in("attn.v", KV),
             W_O=w_o.reshape(w_o.shape[0], H, hd).permute(1, 2, 0),
             b_Q=split_bias("attn.q", H),
-            b_K=per_query(split_bias("attn.k", KV)),
-            b_V=per_query(split_bias("attn.v", KV)),
+            b_K_kv=split_bias("attn.k", KV),
+            b_V_kv=split_bias("attn.v", KV),
             b_O=self.bias(layer, "attn.o"),
             kv_head=kv_head,
             shape=shape,

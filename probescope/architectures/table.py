@@ -38,7 +38,9 @@ canonical names. Probes ask for canonical sites; they never name a module path.
 - **Heads** (`ModelLayout.heads(layer)`): `W_Q`, `W_K`, `W_V` as
   `(head, d_model, head_dim)` and `W_O` as `(head, head_dim, d_model)`, for row vectors
   (`x @ W_V[h] @ W_O[h]`), with biases. With grouped-query attention `W_K` and `W_V` are
-  given per query head and `kv_head[h]` says which key/value head query head `h` reads.
+  given per query head and `kv_head[h]` says which key/value head query head `h` reads;
+  `W_K_kv` and `W_V_kv` (`b_K_kv`, `b_V_kv`) hold them once per key/value head, views of
+  the weights, and the per-query-head repeats are only made when first read.
 - **Ends of the stream**: `ModelLayout.embedding()` (with the family's scale and any
   input projection), `ModelLayout.unembedding()` (tied to the embedding or not, detected
   from the tensors, never assumed from the family; Gemma 2's logit soft cap noted),
