@@ -81,8 +81,11 @@ def dataset_produced(dataset: "xr.Dataset", model: str, probe: str) -> None:
     """Called once for each dataset a run produces, as soon as it is built.
 
     The dataset is final (provenance in ``attrs``) but may not be written to disk yet.
-    Implementations must not modify it. Every implementation is called; return values
-    are ignored.
+    Implementations must not modify it. A variable too large to hold (token_similarity's
+    full form, when the run writes) may be computed from temporary files that are gone
+    once the dataset is written: read it during the call, not later (the run's returned
+    datasets, and ``run_finished``'s, read it from the saved file). Every implementation
+    is called; return values are ignored.
 
     :param dataset: the result of ``probe`` on ``model``.
     :param model: the model's name from the configuration.

@@ -28,7 +28,7 @@ from pydantic import Field, field_validator
 
 from probescope import (
     EMBED_LAYER, THUMBNAIL_SIDE, TOKEN_KINDS, Batch, DatasetSchema, Layer, Parameters, Probe, ProbeRun, Problem, Read, Variable, distinct, embed,
-    hookimpl, layer_label, layer_problems, resid, resolve_layers, thumbnails, token_kind_codes, lazy_import,
+    hookimpl, layer_label, layer_problems, lazy_variable, resid, resolve_layers, thumbnails, token_kind_codes, lazy_import,
 )
 
 np = lazy_import("numpy")
@@ -216,11 +216,11 @@ def prompt_matrix(ds: xr.Dataset, prompt: int) -> xr.DataArray:
         dense = one["similarity"].transpose("layer", "token", "context_token")
         values = np.asarray(dense.values)[:, :n, :n]
     else:
-        where = np.flatnonzero(np.asarray(ds["pair_prompt"].values) == prompt)
-        i = np.asarray(ds["pair_token"].values)[where].astype(np.intp)
-        j = np.asarray(ds["pair_context_token"].values)[where].astype(np.intp)
+        where = _pairs_of(ds, prompt)
+        i = np.asarray(ds["pair_token"].isel(pair=where).values).astype(np.intp)
+        j = np.asarray(ds["pair_context_token"].isel(pair=where).values).astype(np.intp)
         n = _real_tokens(one) if ("n_tokens" in one.coords or "token_id" in one.coords) else int(i.max(initial=-1)) + 1
-        flat = np.asarray(sim.transpose("layer", "pair").values)[:, where]
+        flat = np.asarray(sim.isel(pair=where).transpose("layer", "pair").values)
         values = np.full((sim.sizes["layer"], n, n), np.nan, dtype=flat.dtype if flat.dtype.kind == "f" else float)
         values[:, i, j] = flat
     coords = {"layer": ds["layer"].values, "token": np.arange(n), "context_token": np.arange(n)}
@@ -232,6 +232,21 @@ def prompt_matrix(ds: xr.Dataset, prompt: int) -> xr.DataArray:
         coords["context_token_text"] = ("context_token", texts.copy())
     return xr.DataArray(values, dims=("layer", "token", "context_token"), coords=coords, attrs=dict(sim.attrs),
                         name="similarity")
+
+
+def _pairs_of(ds: xr.Dataset, prompt: int) -> slice | np.ndarray:
+    """Where along ``pair`` a prompt's pairs are: its stretch of the contiguous ragged
+    array (from ``n_pairs``; only that stretch is read from a file opened lazily), else
+    found by ``pair_prompt``."""
+    counts, owners = ds.coords.get("n_pairs"), ds["pair_prompt"]
+    if counts is not None and counts.dims == ("prompt",) and owners.dims == ("pair",):
+        k = int(np.flatnonzero(np.asarray(ds["prompt"].values) == prompt)[0]) if "prompt" in ds.coords else prompt
+        sizes = np.asarray(counts.values, dtype=np.int64)
+        start = int(sizes[:k].sum())
+        stretch = slice(start, start + int(sizes[k]))
+        if (np.asarray(owners.isel(pair=stretch).values) == prompt).all():
+            return stretch
+    return np.flatnonzero(np.asarray(owners.values) == prompt)
 
 
 def _real_tokens(one: xr.Dataset) -> int:
@@ -330,11 +345,12 @@ class TokenSimilarity(Probe):
             return distance_totals(matrix(hidden, batch), kept_pairs(batch.mask, batch.prefix_mask))
 
         # by_distance: one running total per layer for the whole run, grown to the
-        # longest batch (distance_totals is start-aligned); full: every batch's pairs.
+        # longest batch (distance_totals is start-aligned); full: every batch's pairs,
+        # which are the dataset itself, spilled to disk batch by batch.
         summary = params.form == "by_distance"
         return [
             Read(layer, embed() if layer == EMBED_LAYER else resid(layer), totals if summary else pairs,
-                 accumulate=summary, last_dim_grows=summary)
+                 accumulate=summary, last_dim_grows=summary, spill=not summary)
             for layer in resolve_layers(params.layers, model.num_layers)
         ]
 
@@ -345,16 +361,6 @@ class TokenSimilarity(Probe):
         width = max(len(p) for p in run.prompts)
         counts = np.array([pair_count(len(p), p.prefix) for p in run.prompts], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        values = np.empty((len(layers), int(counts.sum())), dtype=np.float32)
-        for li, layer in enumerate(layers):
-            per_batch = run.reductions[layer]
-            for batch, flat in zip(run.batches, per_batch):
-                flat, at = flat.float().numpy(), 0
-                for prompt in batch.prompts:  # batches may hold prompts in any order
-                    n = counts[prompt.index]
-                    values[li, starts[prompt.index] : starts[prompt.index] + n] = flat[at : at + n]
-                    at += n
-            per_batch.clear()  # this layer's batches are copied: let them go before the next
         pair_prompt = np.repeat(np.arange(len(run.prompts), dtype=np.int32), counts)
         pair_token = np.empty(len(pair_prompt), dtype=np.int32)
         pair_context = np.empty(len(pair_prompt), dtype=np.int32)
@@ -376,9 +382,13 @@ class TokenSimilarity(Probe):
         if bidirectional:
             description += ("; the first n_prefix_tokens tokens (image and prompt) attend to each other "
                             "both ways, so among them j > i is kept too")
-        variables: dict = {
-            "similarity": (("layer", "pair"), values, {"long_name": label, "description": description}),
-        }
+        # Computed from the spilled batches region by region: never held whole (written
+        # to the file slab by slab, or loaded when the run writes nothing).
+        variables: dict = {"similarity": lazy_variable(
+            ("layer", "pair"), (len(layers), int(counts.sum())), np.float32,
+            _PairReader(run.reductions, layers, run.batches, counts, starts),
+            {"long_name": label, "description": description}, parted="pair",
+            chunk=_pair_chunk(counts))}
         coords: dict = {}
         images = thumbnails(run.prompts)
         if images is not None:
@@ -431,7 +441,53 @@ class TokenSimilarity(Probe):
         # nothing under zlib; the similarities a little.
         for name in ("similarity", "pair", "pair_prompt", "pair_token", "pair_context_token"):
             ds.variables[name].encoding.update(zlib=True, complevel=1, shuffle=True)
+        # One layer at a time, about a long prompt's pairs per chunk: a prompt's matrix at
+        # one layer reads one or two chunks.
+        ds.variables["similarity"].encoding["chunksizes"] = (1, _pair_chunk(counts))
         return ds
+
+
+def _pair_chunk(counts: np.ndarray) -> int:
+    """The file's chunk length along ``pair``: the pairs of the run's longest prompt,
+    at least 4,096 and at most 2**18 (1 MiB of float32), never more than there are."""
+    return int(min(max(int(counts.max()), 4096), 2**18, int(counts.sum())))
+
+
+class _PairReader:
+    """Any ``(layer, pair)`` region of the full form's similarities, copied from each
+    prompt's stretch of the batch results it is in (batches in any order)."""
+
+    def __init__(self, reductions, layers, batches, counts, starts):
+        self.reductions, self.layers, self.counts, self.starts = reductions, layers, counts, starts
+        # prompt -> (batch, offset of its pairs in the batch's flat result)
+        self.batch = np.empty(len(counts), dtype=np.int64)
+        self.offset = np.empty(len(counts), dtype=np.int64)
+        for b, batch in enumerate(batches):
+            at = 0
+            for prompt in batch.prompts:
+                self.batch[prompt.index], self.offset[prompt.index] = b, at
+                at += counts[prompt.index]
+
+    def __call__(self, region: tuple) -> np.ndarray:
+        rows, columns = region
+        a, z = columns.start, columns.stop
+        out = np.empty((rows.stop - rows.start, z - a), dtype=np.float32)
+        first = int(np.searchsorted(self.starts, a, side="right")) - 1
+        last = int(np.searchsorted(self.starts, z, side="left"))
+        pieces: dict[int, list] = {}  # batch -> (where in its result, where in out)
+        for p in range(max(first, 0), last):
+            lo, hi = max(a, self.starts[p]), min(z, self.starts[p] + self.counts[p])
+            if lo < hi:
+                at = self.offset[p] - self.starts[p]
+                pieces.setdefault(int(self.batch[p]), []).append((at + lo, at + hi, lo - a, hi - a))
+        for r, li in enumerate(range(rows.start, rows.stop)):
+            per_batch = self.reductions[self.layers[li]]
+            for b, spans in pieces.items():
+                flat = per_batch[b].float().numpy()
+                for lo, hi, to, end in spans:
+                    out[r, to:end] = flat[lo:hi]
+                del flat
+        return out
 
 
 def _bidirectional(run: ProbeRun) -> bool:

@@ -39,6 +39,7 @@ _HOME = {
     **dict.fromkeys(('load', 'render', 'run'), 'probescope.api'),
     **dict.fromkeys(('combine',), 'probescope.results'),
     **dict.fromkeys(('lazy_import',), 'probescope.lazy_imports'),
+    **dict.fromkeys(('lazy_variable',), 'probescope.parts'),
 }
 
 
@@ -51,7 +52,7 @@ __all__ = [
     "known_colormap", "index_values", "coord_text", "clean_token", "prompt_problems", "layer_choice_problems",
     "DatasetSchema", "Variable",
     "Batch", "Prompt", "TOKEN_KINDS", "THUMBNAIL_SIDE", "token_kind_codes", "thumbnails", "ModelInfo", "LoadedModel", "ModelLayout", "streamed_layout", "progress",
-    "ModelEntry", "read_config", "load_weights", "is_model_folder", "lazy_import",
+    "ModelEntry", "read_config", "load_weights", "is_model_folder", "lazy_import", "lazy_variable",
     # layers
     "Layer", "Block", "EMBED", "LAST", "EMBED_LAYER", "resolve_layer", "resolve_layers", "layer_problems",
     "layer_label", "distinct_layers",

@@ -28,7 +28,7 @@ residual streams).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Hashable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Hashable, Mapping, Optional, Sequence
 
 from probescope.architectures.base import SiteRef
 from probescope.errors import Problem
@@ -73,6 +73,13 @@ class Read:
         longest result and index ``k`` means the same in every batch. Lay the result out
         so that this holds: index 0 first, growing upward, nothing centred (put negative
         offsets in a separate row, not before index 0), and zero meaning "nothing here".
+    :param spill: write each batch's result to a temporary file as the batch finishes,
+        instead of keeping it in memory: :attr:`ProbeRun.reductions` then holds under
+        ``key`` a sequence of one tensor per batch, each read back from the file when
+        indexed (memory-mapped: only what is touched is read). For results that are
+        part of the dataset itself and grow with the prompt count; a :meth:`Probe.build`
+        that also keeps its dataset small builds the large variable with
+        :func:`probescope.lazy_variable` from them.
     """
 
     key: Hashable
@@ -80,11 +87,15 @@ class Read:
     reduce: Reduction
     accumulate: bool = False
     last_dim_grows: bool = False
+    spill: bool = False
 
     def __post_init__(self) -> None:
         if self.last_dim_grows and not self.accumulate:
             raise ValueError(f"Read {self.key!r}: last_dim_grows=True pads a running total, so it needs "
                              "accumulate=True too")
+        if self.accumulate and self.spill:
+            raise ValueError(f"Read {self.key!r}: accumulate and spill exclude each other (a running "
+                             "total is one tensor; spilling keeps one per batch)")
 
 
 @dataclass
@@ -101,8 +112,8 @@ class ProbeRun:
     prompts: list[Prompt]
     batches: list[Batch]
     # key -> one tensor per batch, in batch order; one tensor, the total, for a Read
-    # that accumulates
-    reductions: dict[Hashable, list[torch.Tensor]] = field(default_factory=dict)
+    # that accumulates; a sequence read from disk per item for a Read that spills
+    reductions: dict[Hashable, Sequence[torch.Tensor]] = field(default_factory=dict)
 
 
 class Probe:

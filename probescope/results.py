@@ -56,7 +56,7 @@ def _umask() -> int:
     return mask
 
 
-def _make_folders(folder: Path) -> list[Path]:
+def make_folders(folder: Path) -> list[Path]:
     """Create ``folder`` and its missing parents; return those created, deepest first."""
     created = []
     for parent in [folder, *folder.parents]:
@@ -65,6 +65,15 @@ def _make_folders(folder: Path) -> list[Path]:
         created.append(parent)
     folder.mkdir(parents=True, exist_ok=True)
     return created
+
+
+def remove_empty(created: list[Path]) -> None:
+    """Remove the folders :func:`make_folders` created that are still empty, deepest first."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: something else was written there
+            break
 
 
 @contextmanager
@@ -77,7 +86,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     half-written, no empty model folder.
     """
     target = Path(target)
-    created = _make_folders(target.parent)
+    created = make_folders(target.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
@@ -86,27 +95,53 @@ def atomic_path(target: Path) -> Iterator[Path]:
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
-        for folder in created:
-            try:
-                folder.rmdir()
-            except OSError:  # not empty: something else was written there
-                break
+        remove_empty(created)
         raise
 
 
 def save(dataset: xr.Dataset, path: str | Path) -> Path:
     """Write a dataset as NetCDF, atomically.
 
+    Variables computed lazily (:func:`probescope.lazy_variable`) are written slab by slab
+    after the rest, so the dataset is never held whole (:mod:`probescope.parts`).
+
     :raises DatasetSaveError: NetCDF cannot hold something in the dataset (an attribute
         that is a dict, an object array of mixed types); nothing is left on disk.
     """
+    from probescope import parts
+
     path = Path(path)
+    lazy = _lazy_names(dataset)
     try:
         with atomic_path(path) as tmp:
-            dataset.to_netcdf(tmp, engine="netcdf4")
+            dataset.drop_vars(lazy).to_netcdf(tmp, engine="netcdf4")
+            parts.write_lazy(tmp, dataset, lazy)
     except (TypeError, ValueError) as exc:
         raise DatasetSaveError(f"cannot be saved as NetCDF to {str(path)!r}: {type(exc).__name__}: {exc}") from exc
     return path
+
+
+def _lazy_names(dataset: xr.Dataset) -> list[str]:
+    """The data variables of ``dataset`` computed lazily and not loaded yet."""
+    from probescope import parts
+
+    return [name for name, variable in dataset.data_vars.items() if parts.computed(variable.variable) is not None]
+
+
+def is_lazy(dataset: xr.Dataset) -> bool:
+    """Whether some data variable is computed lazily (:func:`probescope.lazy_variable`)."""
+    return bool(_lazy_names(dataset))
+
+
+def loaded(dataset: xr.Dataset) -> xr.Dataset:
+    """``dataset`` with every lazily computed variable computed into memory."""
+    return dataset.load() if is_lazy(dataset) else dataset
+
+
+def open_saved(path: str | Path) -> xr.Dataset:
+    """A saved dataset opened lazily: values are read from the file when used (for
+    results too large to hold; :func:`load` reads everything)."""
+    return xr.open_dataset(path, engine="netcdf4")
 
 
 def load(path: str | Path) -> xr.Dataset:

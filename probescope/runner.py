@@ -7,7 +7,7 @@ still written, and the run ends with :class:`RunFailed` so the command exits non
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +17,12 @@ import xarray as xr
 
 from probescope import inputs as inputs_mod
 from probescope import models as models_mod
-from probescope import results, trace
+from probescope import results, spill, trace
 from probescope.architectures.base import ATTENTION, get_submodule
 from probescope.config import Plan, ProbeTask
 from probescope.errors import (
     ConfigError,
     Failure,
-    DatasetSaveError,
     InputError,
     Interrupted,
     ModelLoadError,
@@ -221,11 +220,12 @@ def _probe_reads(tasks: Sequence[ProbeTask], loaded: models_mod.LoadedModel, out
 
 
 def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list,
-               outcome: Outcome) -> dict[str, dict[Any, list]]:
+               outcome: Outcome, store: spill.SpillStore | None = None) -> dict[str, dict[Any, Sequence]]:
     """Run every batch through one trace shared by all reads; per owner, its reductions
     by key (:func:`probescope.trace.gather`): one tensor per batch, or one running total
     for a read that accumulates (added to in place inside the pass, so nothing per batch
-    is kept). Owners whose reductions raise are
+    is kept), or, for a read that spills, the batches written to ``store`` as each
+    finished (:class:`probescope.spill.Spilled`). Owners whose reductions raise are
     recorded as failed."""
     name = loaded.name
     owners = list(dict.fromkeys(owner for owner, _ in reads))
@@ -233,6 +233,15 @@ def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list,
     totals: dict[str, dict] = {}  # owner -> key -> running total of a read that accumulates
     # owner -> key -> its read, for the reads that accumulate
     accumulating = {owner: {read.key: read for o, read in reads if o == owner and read.accumulate} for owner in owners}
+    spilling = {owner: {read.key for o, read in reads if o == owner and read.spill} for owner in owners}
+    if store is None and any(spilling.values()):
+        raise ValueError("reads that spill need a SpillStore")
+
+    def forget(owner: str) -> None:
+        per_owner.pop(owner, None)
+        totals.pop(owner, None)
+        if store is not None:
+            store.drop(owner)
     adapter = loaded.info.adapter
 
     sites: dict = {}  # SiteRef -> Site: each site is placed once, however many probes read it
@@ -279,14 +288,15 @@ def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list,
                 sink, failed = trace.run_batch(envoy, steps, batch, backend, None if remote else totals)
                 for owner, exc in failed.items():
                     outcome.fail(name, "probe", owner, exc)
-                    per_owner.pop(owner, None)
-                    totals.pop(owner, None)
+                    forget(owner)
                 for owner in per_owner:
                     try:
                         kept = {key: value for key, value in sink[owner].items() if key not in accumulating[owner]}
                         for key in set(sink[owner]) - set(kept):
                             trace.fold(totals.setdefault(owner, {}), key, sink[owner][key],
                                        accumulating[owner][key].last_dim_grows)
+                        for key in spilling[owner] & set(kept):  # to disk now: nothing of it stays
+                            store.append(owner, key, kept.pop(key))
                     except Exception as exc:
                         failed[owner] = exc
                         continue
@@ -295,8 +305,7 @@ def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list,
                 for owner, exc in failed.items():
                     if owner in per_owner:
                         outcome.fail(name, "probe", owner, exc)
-                        per_owner.pop(owner)
-                        totals.pop(owner, None)
+                        forget(owner)
                 del sink
                 trace.release_freed_memory()  # what this batch freed goes back to the system
                 steps = [s for s in (trace.without(step, failed) for step in steps) if s.reads]
@@ -304,7 +313,8 @@ def _trace_all(loaded: models_mod.LoadedModel, reads: list, batches: list,
         for owner in per_owner:
             outcome.fail(name, "probe", owner, exc)
         return {}
-    return {owner: trace.gather(parts, totals.get(owner, {})) for owner, parts in per_owner.items()}
+    return {owner: {**trace.gather(parts, totals.get(owner, {})), **(store.reductions(owner) if store else {})}
+            for owner, parts in per_owner.items()}
 
 
 def _weights_only(tasks: Sequence[ProbeTask], info: models_mod.ModelInfo) -> bool:
@@ -356,32 +366,65 @@ def run_model(plan: Plan, prepared: Prepared, registry: Any, outcome: Outcome, w
         batches = inputs_mod.batches(prepared.prompts, plan.batch_size, sort=sort,
                                      pad_id=inputs_mod.pad_id_of(prepared.tokenizer), device=loaded.device)
     reads = _probe_reads(tasks, loaded, outcome)
-    reduced = _trace_all(loaded, reads, batches, outcome)
-    failed = {f.name for f in outcome.failures if f.model == name}
+    # Reads that spill go to files beside the results (or in the system's temporary
+    # folder when nothing is written), removed once every dataset is written or loaded.
+    with _spill_store(reads, plan.output_dir if write else None) as store:
+        reduced = _trace_all(loaded, reads, batches, outcome, store)
+        failed = {f.name for f in outcome.failures if f.model == name}
 
-    for task in progress(tasks, desc=f"{name}: probes"):
-        if task.name in failed:
-            continue
-        run = ProbeRun(loaded, prepared.prompts, batches, trace.on_cpu(reduced.pop(task.name, {})))
-        try:
-            dataset = task.probe.build(task.params, run)
-            dataset.attrs.update(results.provenance(
-                probe=task.probe, params=task.params, model_info=prepared.info, entry_name=task.name,
-                prompts=plan.prompts if _needs(task, prepared.info) else None))
-        except Exception as exc:
-            outcome.fail(name, "probe", task.name, exc)
-            continue
-        registry.hook.dataset_produced(dataset=dataset, model=name, probe=task.name)
-        outcome.datasets.setdefault(name, {})[task.name] = dataset
-        if write:
+        for task in progress(tasks, desc=f"{name}: probes"):
+            if task.name in failed:
+                continue
+            run = ProbeRun(loaded, prepared.prompts, batches, _on_cpu(reduced.pop(task.name, {})))
             try:
-                path = results.save(dataset, results.result_path(plan.output_dir, name, task.name))
-            except DatasetSaveError as exc:  # this probe's failure alone; the others are still written
+                dataset = task.probe.build(task.params, run)
+                dataset.attrs.update(results.provenance(
+                    probe=task.probe, params=task.params, model_info=prepared.info, entry_name=task.name,
+                    prompts=plan.prompts if _needs(task, prepared.info) else None))
+                if not write:  # the spilled files go: what the Python API returns is in memory
+                    dataset = results.loaded(dataset)
+            except Exception as exc:
                 outcome.fail(name, "probe", task.name, exc)
                 continue
-            outcome.files.append(path)
-            if record is not None:
-                record(path, task)
+            del run
+            registry.hook.dataset_produced(dataset=dataset, model=name, probe=task.name)
+            outcome.datasets.setdefault(name, {})[task.name] = dataset
+            if write:
+                try:
+                    path = results.save(dataset, results.result_path(plan.output_dir, name, task.name))
+                except Exception as exc:  # this probe's failure alone; the others are still written
+                    # (a lazily computed variable runs the probe's own code while it is written)
+                    outcome.fail(name, "probe", task.name, exc)
+                    if results.is_lazy(dataset):  # its spilled files go with the store
+                        outcome.datasets[name].pop(task.name)
+                    continue
+                if results.is_lazy(dataset):  # computed from the spilled files: read back from the file
+                    outcome.datasets[name][task.name] = results.open_saved(path)
+                outcome.files.append(path)
+                if record is not None:
+                    record(path, task)
+
+
+@contextmanager
+def _spill_store(reads: list, where: Path | None):
+    """A :class:`~probescope.spill.SpillStore` in ``where`` (made if missing, removed
+    again if left empty) when some read spills, else None; removed on leaving."""
+    if not any(read.spill for _, read in reads):
+        yield None
+        return
+    created = results.make_folders(where) if where is not None else []
+    store = spill.SpillStore(where)
+    try:
+        yield store
+    finally:
+        store.close()
+        results.remove_empty(created)
+
+
+def _on_cpu(reductions: dict) -> dict:
+    """A probe's reductions on the CPU; spilled ones already are (on disk)."""
+    spilled = {key: parts for key, parts in reductions.items() if isinstance(parts, spill.Spilled)}
+    return {**trace.on_cpu({k: v for k, v in reductions.items() if k not in spilled}), **spilled}
 
 
 def _any_prompt_order(tasks: Sequence[ProbeTask], info: models_mod.ModelInfo) -> bool:
