@@ -22,7 +22,7 @@ there are (the figure is ``similarity_by_distance``).
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 from pydantic import Field, field_validator
 
@@ -361,13 +361,13 @@ class TokenSimilarity(Probe):
         width = max(len(p) for p in run.prompts)
         counts = np.array([pair_count(len(p), p.prefix) for p in run.prompts], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        pair_prompt = np.repeat(np.arange(len(run.prompts), dtype=np.int32), counts)
-        pair_token = np.empty(len(pair_prompt), dtype=np.int32)
-        pair_context = np.empty(len(pair_prompt), dtype=np.int32)
-        for p in run.prompts:
-            i, j = pair_positions(len(p), p.prefix)
-            pair_token[starts[p.index] : starts[p.index] + len(i)] = i
-            pair_context[starts[p.index] : starts[p.index] + len(j)] = j
+        total, chunk = int(counts.sum()), _pair_chunk(counts)
+
+        def labels(what: str, description: str) -> xr.Variable:
+            """A pair label, computed per region like the similarities (20 bytes a pair
+            held otherwise)."""
+            return lazy_variable(("pair",), (total,), np.int32, _PairLabels(run.prompts, counts, starts, what),
+                                 {"description": description}, chunk=chunk)
 
         texts = np.full((len(run.prompts), width), "", dtype=object)
         ids = np.full((len(run.prompts), width), -1, dtype=np.int64)
@@ -385,10 +385,9 @@ class TokenSimilarity(Probe):
         # Computed from the spilled batches region by region: never held whole (written
         # to the file slab by slab, or loaded when the run writes nothing).
         variables: dict = {"similarity": lazy_variable(
-            ("layer", "pair"), (len(layers), int(counts.sum())), np.float32,
+            ("layer", "pair"), (len(layers), total), np.float32,
             _PairReader(run.reductions, layers, run.batches, counts, starts),
-            {"long_name": label, "description": description}, parted="pair",
-            chunk=_pair_chunk(counts))}
+            {"long_name": label, "description": description}, parted="pair", chunk=chunk)}
         coords: dict = {}
         images = thumbnails(run.prompts)
         if images is not None:
@@ -424,11 +423,10 @@ class TokenSimilarity(Probe):
                 "token_id": (("prompt", "token"), ids, {"description": "-1 past the prompt's end"}),
                 "n_pairs": ("prompt", counts, {"sample_dimension": "pair",
                                                "description": "pairs of the prompt, one after another along pair"}),
-                "pair": ("pair", np.arange(len(pair_prompt), dtype=np.int64)),
-                "pair_prompt": ("pair", pair_prompt, {"description": "the prompt the pair is of"}),
-                "pair_token": ("pair", pair_token, {"description": "position i of the token compared"}),
-                "pair_context_token": ("pair", pair_context,
-                                       {"description": "position j of the earlier (or same) token compared with"}),
+                "pair": ("pair", np.arange(total, dtype=np.int64)),
+                "pair_prompt": labels("prompt", "the prompt the pair is of"),
+                "pair_token": labels("token", "position i of the token compared"),
+                "pair_context_token": labels("context", "position j of the earlier (or same) token compared with"),
                 "token_kind": (("prompt", "token"), token_kind_codes(run.prompts, width),
                                {"long_name": "token kind", "flag_values": np.arange(len(TOKEN_KINDS), dtype=np.int8),
                                 "flag_meanings": " ".join(TOKEN_KINDS),
@@ -442,8 +440,10 @@ class TokenSimilarity(Probe):
         for name in ("similarity", "pair", "pair_prompt", "pair_token", "pair_context_token"):
             ds.variables[name].encoding.update(zlib=True, complevel=1, shuffle=True)
         # One layer at a time, about a long prompt's pairs per chunk: a prompt's matrix at
-        # one layer reads one or two chunks.
-        ds.variables["similarity"].encoding["chunksizes"] = (1, _pair_chunk(counts))
+        # one layer reads one or two chunks (and one or two of each pair label's).
+        ds.variables["similarity"].encoding["chunksizes"] = (1, chunk)
+        for name in ("pair", "pair_prompt", "pair_token", "pair_context_token"):
+            ds.variables[name].encoding["chunksizes"] = (chunk,)
         return ds
 
 
@@ -451,6 +451,36 @@ def _pair_chunk(counts: np.ndarray) -> int:
     """The file's chunk length along ``pair``: the pairs of the run's longest prompt,
     at least 4,096 and at most 2**18 (1 MiB of float32), never more than there are."""
     return int(min(max(int(counts.max()), 4096), 2**18, int(counts.sum())))
+
+
+def _overlapping(starts: np.ndarray, counts: np.ndarray, a: int, z: int) -> Iterator[tuple[int, int, int]]:
+    """``(prompt, lo, hi)`` for each prompt with pairs in ``[a, z)`` of ``pair``: the part
+    ``[lo, hi)`` of ``pair`` that is both."""
+    first = max(int(np.searchsorted(starts, a, side="right")) - 1, 0)
+    for p in range(first, int(np.searchsorted(starts, z, side="left"))):
+        lo, hi = max(a, int(starts[p])), min(z, int(starts[p] + counts[p]))
+        if lo < hi:
+            yield p, lo, hi
+
+
+class _PairLabels:
+    """Any region of a pair label: the prompt of each pair (``"prompt"``), its token i
+    (``"token"``) or its context token j (``"context"``)."""
+
+    def __init__(self, prompts, counts, starts, what):
+        self.prompts, self.counts, self.starts, self.what = prompts, counts, starts, what
+
+    def __call__(self, region: tuple) -> np.ndarray:
+        (columns,) = region
+        out = np.empty(columns.stop - columns.start, dtype=np.int32)
+        for p, lo, hi in _overlapping(self.starts, self.counts, columns.start, columns.stop):
+            into = slice(lo - columns.start, hi - columns.start)
+            if self.what == "prompt":
+                out[into] = p
+            else:
+                i, j = pair_positions(len(self.prompts[p]), self.prompts[p].prefix)
+                out[into] = (i if self.what == "token" else j)[lo - self.starts[p] : hi - self.starts[p]]
+        return out
 
 
 class _PairReader:
@@ -472,14 +502,10 @@ class _PairReader:
         rows, columns = region
         a, z = columns.start, columns.stop
         out = np.empty((rows.stop - rows.start, z - a), dtype=np.float32)
-        first = int(np.searchsorted(self.starts, a, side="right")) - 1
-        last = int(np.searchsorted(self.starts, z, side="left"))
         pieces: dict[int, list] = {}  # batch -> (where in its result, where in out)
-        for p in range(max(first, 0), last):
-            lo, hi = max(a, self.starts[p]), min(z, self.starts[p] + self.counts[p])
-            if lo < hi:
-                at = self.offset[p] - self.starts[p]
-                pieces.setdefault(int(self.batch[p]), []).append((at + lo, at + hi, lo - a, hi - a))
+        for p, lo, hi in _overlapping(self.starts, self.counts, a, z):
+            at = self.offset[p] - self.starts[p]
+            pieces.setdefault(int(self.batch[p]), []).append((at + lo, at + hi, lo - a, hi - a))
         for r, li in enumerate(range(rows.start, rows.stop)):
             per_batch = self.reductions[self.layers[li]]
             for b, spans in pieces.items():

@@ -63,10 +63,11 @@ def _whole(data: Any, shape: tuple) -> bool:
 
 
 def write_lazy(path: Any, dataset: "xr.Dataset", names: Sequence[str]) -> None:
-    """Create each lazy variable of ``names`` in the NetCDF file at ``path`` (which holds
-    the rest of ``dataset``) and fill it slab by slab."""
+    """Create each lazy variable (data variable or coordinate) of ``names`` in the NetCDF
+    file at ``path`` (which holds the rest of ``dataset``) and fill it slab by slab."""
     import netCDF4
 
+    named: set[str] = set()  # coordinates some written variable names in its ``coordinates``
     with netCDF4.Dataset(path, "a") as nc:
         for name in names:
             variable = dataset.variables[name]
@@ -88,13 +89,20 @@ def write_lazy(path: Any, dataset: "xr.Dataset", names: Sequence[str]) -> None:
             for key, value in variable.attrs.items():
                 if key != "_FillValue":
                     target.setncattr(key, value)
-            # the coordinates that label it, as xarray names them for a variable it writes
+            # the coordinates that label a data variable, as xarray names them for one it writes
             labels = sorted(str(n) for n, c in dataset.coords.items()
                             if n not in dataset.dims and set(c.dims) <= set(variable.dims))
-            if labels and "coordinates" not in variable.attrs:
+            if name in dataset.data_vars and labels and "coordinates" not in variable.attrs:
                 target.setncattr("coordinates", " ".join(labels))
+                named.update(labels)
             for region in source.slabs(chunks):
                 target[region] = source.read(region)
+        # A coordinate written here that no variable names is named in the file's own
+        # ``coordinates`` attribute (what xarray does), so it reads back as a coordinate.
+        unnamed = [name for name in names if name in dataset.coords and name not in named]
+        if unnamed:
+            given = nc.getncattr("coordinates").split() if "coordinates" in nc.ncattrs() else []
+            nc.setncattr("coordinates", " ".join(dict.fromkeys([*given, *unnamed])))
 
 
 def _computed_class() -> type:

@@ -122,14 +122,15 @@ def save(dataset: xr.Dataset, path: str | Path) -> Path:
 
 
 def _lazy_names(dataset: xr.Dataset) -> list[str]:
-    """The data variables of ``dataset`` computed lazily and not loaded yet."""
+    """The variables of ``dataset`` (data variables and coordinates) computed lazily and
+    not loaded yet."""
     from probescope import parts
 
-    return [name for name, variable in dataset.data_vars.items() if parts.computed(variable.variable) is not None]
+    return [str(name) for name, variable in dataset.variables.items() if parts.computed(variable) is not None]
 
 
 def is_lazy(dataset: xr.Dataset) -> bool:
-    """Whether some data variable is computed lazily (:func:`probescope.lazy_variable`)."""
+    """Whether some variable is computed lazily (:func:`probescope.lazy_variable`)."""
     return bool(_lazy_names(dataset))
 
 

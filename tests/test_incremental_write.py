@@ -90,8 +90,9 @@ def test_slabs_cover_the_variable_in_whole_chunks(gpt2, tokenizer, tmp_path, mon
     read = parts._Computed.read
     monkeypatch.setattr(parts._Computed, "read", lambda self, region: written.append(region) or read(self, region))
     probescope.run(cfg(tmp_path, prompts=prompts), models={"m": (gpt2, tokenizer)})
-    slabs = [(r[1].start, r[1].stop) for r in written]
-    assert all(r[0] == slice(0, len(LAYERS)) for r in written)  # every layer in each slab
+    slabs = [(r[1].start, r[1].stop) for r in written if len(r) == 2]  # the similarities
+    assert all(r[0] == slice(0, len(LAYERS)) for r in written if len(r) == 2)  # every layer in each slab
+    labels = [(r[0].start, r[0].stop) for r in written if len(r) == 1]  # pair_prompt, _token, _context_token
     held = probescope.run(cfg(prompts=prompts), models={"m": (gpt2, tokenizer)}, write=False)["m"]["token_similarity"]
     with xr.open_dataset(tmp_path / "m" / "token_similarity.nc") as ds:
         total = ds.sizes["pair"]
@@ -99,6 +100,23 @@ def test_slabs_cover_the_variable_in_whole_chunks(gpt2, tokenizer, tmp_path, mon
         xr.testing.assert_identical(ds.similarity.drop_attrs(), held.similarity.drop_attrs())
     assert total > 2 * chunk
     assert slabs == [(a, min(a + chunk, total)) for a in range(0, total, chunk)]
+    assert labels == slabs * 3
+
+
+def test_what_grows_with_the_pairs_is_computed_when_written(gpt2, tokenizer, tmp_path):
+    """The dataset a run builds holds no similarity and no pair label: only the ``pair``
+    index itself (xarray keeps an index in memory) has the pair dimension in memory."""
+    seen = {}
+
+    class Look:
+        @probescope.hookimpl
+        def dataset_produced(self, dataset, model, probe):
+            seen["lazy"] = sorted(name for name, v in dataset.variables.items() if parts.computed(v) is not None)
+            seen["held"] = sorted(name for name, v in dataset.variables.items()
+                                  if "pair" in v.dims and parts.computed(v) is None)
+
+    probescope.run(cfg(tmp_path), models={"m": (gpt2, tokenizer)}, plugins=[("look", Look())])
+    assert seen == {"lazy": ["pair_context_token", "pair_prompt", "pair_token", "similarity"], "held": ["pair"]}
 
 
 def test_a_returned_dataset_is_read_from_the_saved_file(gpt2, tokenizer, tmp_path):
