@@ -15,7 +15,8 @@ GPT-2-small-shaped and Llama-shaped. Variants, each in a fresh subprocess:
    token similarity in the form the probescope variant asks for;
 3. ``probescope``: ``probescope.run`` (no files written) with ``component_norm``
    (``activation_norm``, all layers, all seven components) and ``token_similarity`` in
-   the form ``--similarity`` names (``none`` leaves it out): validation, tokenization,
+   the form ``--similarity`` names (``by_distance``, the summary, by default; ``full``;
+   ``none`` leaves it out): validation, tokenization,
    the shared traces, reductions and dataset building included.
 
 Time: one timed run after a warm-up on two short prompts (``--repeats`` for a median).
@@ -24,8 +25,15 @@ just before it (the model already loaded), in a fresh process, once with glibc's
 default malloc and once with ``MALLOC_MMAP_THRESHOLD_=65536`` (freed blocks go back to
 the kernel, so RSS follows live memory; see ``common.py``).
 
+On a GPU (``--device cuda``) the model, the batches and the hooks' totals live on the
+GPU; each variant runs once per model over every count (250, 500, 1,000 in one
+process, timed with ``torch.cuda.synchronize``), and its GPU memory is torch's peak
+allocation during the run above what was allocated before it (``gpu-memory``), exact
+where RSS is not.
+
     python benchmarks/bench_scale.py [--prompts 250 500 1000] [--models gpt2 llama]
-        [--similarity full|none] [--repeats 1] [--variants bare hooks probescope]
+        [--similarity by_distance|full|none] [--repeats 1] [--variants bare hooks probescope]
+        [--device cpu|cuda] [--measure time memory memory-default] [--longest 256]
 """
 
 from __future__ import annotations
@@ -109,16 +117,20 @@ def component_modules(model, family: str) -> dict[tuple[int, str], tuple[object,
 def hooks_run(model, body, family: str, batches, similarity: str, n_prompts: int):
     """The statistics with plain forward hooks over the body: per (layer, component) the
     summed norm and token count (float64, in place); per (prompt, layer) the dense
-    similarity matrix when ``similarity == "full"``."""
+    similarity matrix when ``similarity == "full"``; per (layer, distance i - j) the sum
+    and count of the similarities when ``similarity == "by_distance"`` (in place)."""
     import numpy as np
     import torch
 
     from probescope.probes.token_similarity import similarity_matrix
 
     layers = model.config.num_hidden_layers
-    sums = torch.zeros((layers, len(COMPONENTS), 2), dtype=torch.float64)
+    device = next(model.parameters()).device
+    sums = torch.zeros((layers, len(COMPONENTS), 2), dtype=torch.float64, device=device)
     sims = (np.full((n_prompts, layers + 1, LONGEST, LONGEST), np.nan, dtype=np.float32)
             if similarity == "full" else None)
+    by_distance = (torch.zeros((layers + 1, 2, LONGEST), dtype=torch.float64, device=device)
+                   if similarity == "by_distance" else None)
     state = {}
     handles = []
 
@@ -136,17 +148,33 @@ def hooks_run(model, body, family: str, batches, similarity: str, n_prompts: int
             hidden = output[0] if isinstance(output, tuple) else output
             rows, width = hidden.shape[:2]
             start = state["row"]
-            sims[start:start + rows, layer, :width, :width] = similarity_matrix(hidden, state["mask"], "cosine").numpy()
+            sims[start:start + rows, layer, :width, :width] = similarity_matrix(hidden, state["mask"], "cosine").cpu().numpy()
+        return hook
+
+    def distance_hook(layer):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            unit = torch.nn.functional.normalize(hidden.float(), dim=-1)
+            width = hidden.shape[1]
+            position = torch.arange(width, device=hidden.device)
+            distance = position[:, None] - position[None, :]
+            mask = state["mask"]
+            keep = mask[:, :, None] & mask[:, None, :] & (distance >= 0)
+            values = (unit @ unit.transpose(1, 2))[keep].double()
+            at = distance.expand_as(keep)[keep]
+            by_distance[layer, 0].index_add_(0, at, values)
+            by_distance[layer, 1].index_add_(0, at, torch.ones_like(values))
         return hook
 
     for (layer, name), (module, part) in component_modules(model, family).items():
         handles.append(module.register_forward_hook(norm_hook(layer, COMPONENTS.index(name), part)))
-    if sims is not None:
+    if similarity != "none":
+        per_layer = sim_hook if similarity == "full" else distance_hook
         blocks = model.transformer.h if family == "gpt2" else model.model.layers
         embed = model.transformer.drop if family == "gpt2" else model.model.embed_tokens
-        handles.append(embed.register_forward_hook(sim_hook(0)))
+        handles.append(embed.register_forward_hook(per_layer(0)))
         for layer, block in enumerate(blocks):
-            handles.append(block.register_forward_hook(sim_hook(layer + 1)))
+            handles.append(block.register_forward_hook(per_layer(layer + 1)))
     try:
         with torch.inference_mode():
             row = 0
@@ -157,58 +185,84 @@ def hooks_run(model, body, family: str, batches, similarity: str, n_prompts: int
     finally:
         for handle in handles:
             handle.remove()
-    return sums, sims
+    return sums, sims if similarity == "full" else by_distance
 
 
-def child(what: str, kind: str, family: str, n_prompts: int, similarity: str, repeats: int) -> dict:
-    """Measure one variant on ``n_prompts`` prompts."""
+def child(what: str, kind: str, family: str, counts: list[int], similarity: str, repeats: int,
+          device: str = "cpu") -> list[dict]:
+    """Measure one variant on each of ``counts`` prompts (the first ``n`` of one list), in
+    this process, one after another. On a GPU, each timed run also gives the peak of the
+    GPU memory allocated above what was allocated before it (torch's own statistics)."""
     import torch
 
     import probescope
 
     torch.set_num_threads(os.cpu_count() or 1)
     model, body, tokenizer, _, _ = build_model(family, 8)
-    texts = prompt_texts(tokenizer, n_prompts)
+    model.to(device)
+    cuda = torch.device(device).type == "cuda"
+    texts = prompt_texts(tokenizer, max(counts))
     warm_texts = [texts[0][:60], texts[1][:60]]
+
+    def on_device(batches):
+        return [(ids.to(device), mask.to(device)) for ids, mask in batches]
 
     def step_for(prompts):
         if kind == "bare":
-            batches = user_order_batches(tokenizer, prompts)
+            batches = on_device(user_order_batches(tokenizer, prompts))
 
             def step():
                 with torch.inference_mode():
                     for ids, mask in batches:
                         model(ids, attention_mask=mask)
         elif kind == "hooks":
-            batches = user_order_batches(tokenizer, prompts)
+            batches = on_device(user_order_batches(tokenizer, prompts))
 
             def step():
                 hooks_run(model, body, family, batches, similarity, len(prompts))
         else:
             probes = [{"use": "component_norm", "statistic": "activation_norm"}]
             if similarity != "none":
-                probes.append({"use": "token_similarity", "layers": ["embed", *range(model.config.num_hidden_layers)]})
+                probes.append({"use": "token_similarity", "form": similarity,
+                               "layers": ["embed", *range(model.config.num_hidden_layers)]})
             config = {"inputs": {"prompts": list(prompts), "batch_size": BATCH_SIZE}, "probes": probes}
 
             def step():
                 probescope.run(config, models={"m": (model, tokenizer)}, write=False)
         return step
 
-    warm, step = step_for(warm_texts), step_for(texts)
-    warm()  # imports, plugin registry, first-call set-up: paid once per process
-    gc.collect()
-    if what == "time":
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
+    def synchronize():
+        if cuda:
+            torch.cuda.synchronize()
+
+    step_for(warm_texts)()  # imports, plugin registry, first-call set-up: paid once per process
+    results = []
+    for n in counts:
+        step = step_for(texts[:n])
+        gc.collect()
+        synchronize()
+        if what == "time":
+            times, gpu_peaks = [], []
+            for _ in range(repeats):
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                    allocated = torch.cuda.memory_allocated()
+                start = time.perf_counter()
+                step()
+                synchronize()
+                times.append(time.perf_counter() - start)
+                if cuda:
+                    gpu_peaks.append((torch.cuda.max_memory_allocated() - allocated) / 2 ** 20)
+            result = {"seconds": sorted(times)[len(times) // 2]}
+            if cuda:
+                result["gpu_peak_mb"] = sorted(gpu_peaks)[len(gpu_peaks) // 2]
+        else:
+            before = reset_peak_rss()
             step()
-            times.append(time.perf_counter() - start)
-        result = {"seconds": sorted(times)[len(times) // 2]}
-    else:
-        before = reset_peak_rss()
-        step()
-        result = {"peak_growth_mb": (status_kb("VmHWM") - before) / 1024, "baseline_mb": before / 1024}
-    return result
+            result = {"peak_growth_mb": (status_kb("VmHWM") - before) / 1024, "baseline_mb": before / 1024}
+        del step
+        results.append(result)
+    return results
 
 
 def main() -> None:
@@ -217,33 +271,57 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["gpt2", "llama"], choices=["gpt2", "llama"])
     parser.add_argument("--variants", nargs="+", default=["bare", "hooks", "probescope"],
                         choices=["bare", "hooks", "probescope"])
-    parser.add_argument("--similarity", default="full", choices=["full", "none"],
+    parser.add_argument("--similarity", default="by_distance", choices=["by_distance", "full", "none"],
                         help="token_similarity's form in the hooks and probescope variants (none: left out)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--longest", type=int, default=LONGEST, help="longest prompt, in tokens (default 256)")
     parser.add_argument("--measure", nargs="+", default=["time", "memory", "memory-default"],
                         choices=["time", "memory", "memory-default"])
+    parser.add_argument("--device", default="cpu", help='where the model runs ("cuda" on a GPU machine)')
     parser.add_argument("--child", nargs=4, metavar=("WHAT", "KIND", "MODEL", "PROMPTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        what, kind, family, n = args.child
-        print(json.dumps(child(what, kind, family, int(n), args.similarity, args.repeats)))
+        what, kind, family, counts = args.child
+        counts = [int(n) for n in counts.split(",")]
+        print(json.dumps(child(what, kind, family, counts, args.similarity, args.repeats, args.device)))
         return
     os.environ["BENCH_SCALE_LONGEST"] = str(args.longest)
-    extra = ["--similarity", args.similarity, "--repeats", str(args.repeats)]
-    print(f"similarity: {args.similarity}; batch size {BATCH_SIZE}; prompts of {SHORTEST}-{args.longest} tokens")
-    print("model  prompts  variant     measure          value  x bare", flush=True)
+    extra = ["--similarity", args.similarity, "--repeats", str(args.repeats), "--device", args.device]
+    cuda = args.device.startswith("cuda")
+    print(f"similarity: {args.similarity}; batch size {BATCH_SIZE}; prompts of {SHORTEST}-{args.longest} tokens; "
+          f"device {args.device}; load average {os.getloadavg()}")
+    rows: dict = {}  # (family, n, kind, measure) -> value
+    for family in args.models:
+        for kind in args.variants:
+            for what in args.measure:
+                # On a GPU, time and GPU memory come from one process per variant over every
+                # count (torch's statistics are exact there); host memory needs a fresh process.
+                groups = [args.prompts] if (cuda and what == "time") else [[n] for n in args.prompts]
+                for counts in groups:
+                    results = in_subprocess(__file__, what, kind, family, ",".join(map(str, counts)), *extra)
+                    for n, r in zip(counts, results):
+                        if what == "time":
+                            rows[(family, n, kind, "time")] = r["seconds"]
+                            if "gpu_peak_mb" in r:
+                                rows[(family, n, kind, "gpu-memory")] = max(r["gpu_peak_mb"], 1.0)
+                        else:
+                            rows[(family, n, kind, what)] = max(r["peak_growth_mb"], 1.0)
+                print(f"  done: {family} {kind} {what} ({time.strftime('%H:%M:%S')})", flush=True)
+    measures = [m for m in ("time", "gpu-memory", "memory", "memory-default")
+                if any(key[3] == m for key in rows)]
+    print(f"load average after: {os.getloadavg()}")
+    print("model  prompts  variant     measure          value  x bare  per prompt")
     for family in args.models:
         for n in args.prompts:
-            base = {}
             for kind in args.variants:
-                for what in args.measure:
-                    r = in_subprocess(__file__, what, kind, family, str(n), *extra)
-                    value = r["seconds"] if what == "time" else max(r["peak_growth_mb"], 1.0)
-                    base.setdefault(what, value)
+                for what in measures:
+                    value = rows.get((family, n, kind, what))
+                    if value is None:
+                        continue
+                    base = rows.get((family, n, args.variants[0], what), value)
                     unit = "s" if what == "time" else "MB"
-                    print(f"{family:<6} {n:>7}  {kind:<11} {what:<14} {value:>8.1f}{unit:<2} {value / base[what]:>6.2f}",
-                          flush=True)
+                    per = f"{1000 * value / n:8.2f} ms" if what == "time" else ""
+                    print(f"{family:<6} {n:>7}  {kind:<11} {what:<14} {value:>8.1f}{unit:<2} {value / base:>6.2f}  {per}")
 
 
 if __name__ == "__main__":

@@ -51,22 +51,32 @@ VARIANTS = ("streamed", "loaded-auto", "loaded-float32")
 
 
 def shape(args) -> dict:
-    return dict(vocab=args.vocab, width=args.width, layers=args.layers, heads=HEADS, kv_heads=KV_HEADS,
-                inner=4 * args.width, head_dim=args.width // HEADS)
+    return dict(vocab=args.vocab, width=args.width, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+                inner=args.inner or 4 * args.width, head_dim=args.width // args.heads)
 
 
-def build_checkpoint(folder: Path, s: dict, shard_bytes: int = 500 << 20) -> None:
-    """Write the checkpoint shard by shard (random N(0, 0.02^2) weights, unit norms)."""
+def checkpoint_folder(root: Path, s: dict) -> Path:
+    """Where the checkpoint of shape ``s`` is kept (reused by later runs)."""
+    name = f"llama-{s['layers']}x{s['width']}-v{s['vocab']}"
+    if (s["heads"], s["kv_heads"], s["inner"]) != (HEADS, KV_HEADS, 4 * s["width"]):
+        name += f"-h{s['heads']}-kv{s['kv_heads']}-mlp{s['inner']}"
+    return root / name
+
+
+def build_checkpoint(folder: Path, s: dict, shard_bytes: int = 500 << 20, device: str = "cpu") -> None:
+    """Write the checkpoint shard by shard (random N(0, 0.02^2) weights, unit norms;
+    drawn on ``device``, which a GPU does much faster for a 70B-wide shape)."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
     d, hd, V, inner = s["width"], s["head_dim"], s["vocab"], s["inner"]
+    heads, kv_heads = s["heads"], s["kv_heads"]
     tensors = [("model.embed_tokens.weight", (V, d))]
     for i in range(s["layers"]):
         p = f"model.layers.{i}."
         tensors += [(p + "input_layernorm.weight", (d,)), (p + "post_attention_layernorm.weight", (d,)),
-                    (p + "self_attn.q_proj.weight", (HEADS * hd, d)), (p + "self_attn.k_proj.weight", (KV_HEADS * hd, d)),
-                    (p + "self_attn.v_proj.weight", (KV_HEADS * hd, d)), (p + "self_attn.o_proj.weight", (d, HEADS * hd)),
+                    (p + "self_attn.q_proj.weight", (heads * hd, d)), (p + "self_attn.k_proj.weight", (kv_heads * hd, d)),
+                    (p + "self_attn.v_proj.weight", (kv_heads * hd, d)), (p + "self_attn.o_proj.weight", (d, heads * hd)),
                     (p + "mlp.gate_proj.weight", (inner, d)), (p + "mlp.up_proj.weight", (inner, d)),
                     (p + "mlp.down_proj.weight", (d, inner))]
     tensors += [("model.norm.weight", (d,)), ("lm_head.weight", (V, d))]
@@ -80,14 +90,14 @@ def build_checkpoint(folder: Path, s: dict, shard_bytes: int = 500 << 20) -> Non
         size += nbytes
     groups.append(current)
     folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
     weight_map, total = {}, 0
     for n, group in enumerate(groups):
         file = f"model-{n + 1:05d}-of-{len(groups):05d}.safetensors"
         shard = {}
         for name, dims in group:
-            t = torch.ones(dims) if len(dims) == 1 else torch.randn(dims, generator=g).mul_(0.02)
-            shard[name] = t.to(torch.bfloat16)
+            t = torch.ones(dims) if len(dims) == 1 else torch.randn(dims, generator=g, device=device).mul_(0.02)
+            shard[name] = t.to(torch.bfloat16).cpu()
             weight_map[name] = file
             total += shard[name].numel() * BF16
         save_file(shard, str(folder / file), metadata={"format": "pt"})
@@ -95,14 +105,15 @@ def build_checkpoint(folder: Path, s: dict, shard_bytes: int = 500 << 20) -> Non
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     LlamaConfig(vocab_size=V, hidden_size=d, intermediate_size=inner, num_hidden_layers=s["layers"],
-                num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=4096,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
                 tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, dtype="bfloat16").save_pretrained(folder)
     relation_word_tokenizer(V).save_pretrained(folder)
     (folder / "shape.json").write_text(json.dumps(s))
 
 
-def child(variant: str, folder: Path, out: Path, cold: bool = False) -> dict:
-    """One run of head_classifier in this process; scores written to ``out``."""
+def child(variant: str, folder: Path, out: Path, cold: bool = False, device: str = "cpu") -> dict:
+    """One run of head_classifier in this process; scores written to ``out``. On a GPU
+    also the peak of GPU memory allocated during the run above what was allocated before."""
     import importlib
 
     import probescope
@@ -128,18 +139,26 @@ def child(variant: str, folder: Path, out: Path, cold: bool = False) -> dict:
     checkpoint_mod.Checkpoint.read = counting_read
     stats: dict = {}
     scores_mod.relation_scores.__kwdefaults__["stats"] = stats  # count the scoring's multiply-adds
-    entry = {"name": "m", "path": str(folder)}
+    entry = {"name": "m", "path": str(folder), "device": device}
     if variant == "loaded-float32":
         entry["dtype"] = "float32"
     config = {"models": [entry], "probes": [{"use": "head_classifier"}]}
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.init()
+        gpu_before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     before = status_kb("VmRSS")
     start = time.perf_counter()
     ds = probescope.run(config, write=False)["m"]["head_classifier"]
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = status_kb("VmHWM")
     ds[["relation_score", "suppression_score"]].drop_attrs().to_netcdf(out)
     return {"seconds": seconds, "peak_growth_mb": (peak - before) / 1024, "baseline_mb": before / 1024,
-            "read_mb": read_bytes[0] / 2 ** 20, "flops": stats.get("flops", 0)}
+            "read_mb": read_bytes[0] / 2 ** 20, "flops": stats.get("flops", 0),
+            "gpu_peak_mb": (torch.cuda.max_memory_allocated() - gpu_before) / 2 ** 20 if cuda else None}
 
 
 def budget_mb(s: dict, budget_bytes: int) -> dict:
@@ -165,6 +184,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--heads", type=int, default=HEADS, help="query heads")
+    parser.add_argument("--kv-heads", type=int, default=KV_HEADS, help="key/value heads")
+    parser.add_argument("--inner", type=int, default=None, help="MLP width (default 4 x width)")
+    parser.add_argument("--device", default="cpu", help='where the run computes ("cuda" on a GPU machine)')
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                         help="which runs (streamed is always one: the others are compared with it)")
     parser.add_argument("--cold-baseline", action="store_true",
@@ -172,9 +195,9 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     s = shape(args)
-    folder = args.dir / f"llama-{args.layers}x{args.width}-v{args.vocab}"
+    folder = checkpoint_folder(args.dir, s)
     if args.child:
-        print(json.dumps(child(args.child[0], folder, Path(args.child[1]), args.cold_baseline)))
+        print(json.dumps(child(args.child[0], folder, Path(args.child[1]), args.cold_baseline, args.device)))
         return
 
     import numpy as np
@@ -184,23 +207,30 @@ def main() -> None:
 
     if not (folder / "shape.json").is_file():
         start = time.perf_counter()
-        build_checkpoint(folder, s)
+        build_checkpoint(folder, s, device=args.device)
         print(f"built {folder} in {time.perf_counter() - start:.0f} s")
     size_mb = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2 ** 20
     shards = len(list(folder.glob("*.safetensors")))
-    print(f"checkpoint: {args.layers} layers, width {args.width}, {HEADS}/{KV_HEADS} heads, MLP {s['inner']}, "
+    print(f"checkpoint: {args.layers} layers, width {args.width}, {s['heads']}/{s['kv_heads']} heads, MLP {s['inner']}, "
           f"vocabulary {args.vocab}, bfloat16: {size_mb:.0f} MB in {shards} shards")
     with open("/proc/loadavg") as f:
         print(f"load average before (2 cores, shared with other engineers): {f.read().split()[:3]}")
-    f32 = matmul_rate(torch.float32)  # the scoring's arithmetic (bfloat16 matmul is slow on this CPU)
-    print(f"matmul 2048^3: float32 {f32:.0f} GFLOP/s")
+    if args.device.startswith("cuda"):
+        f32 = matmul_rate(torch.float32, n=8192, repeats=10, device=args.device)
+        print(f"device: {torch.cuda.get_device_name(args.device)}; matmul 8192^3: float32 {f32:.0f} GFLOP/s "
+              f"(TF32 off, torch's default)")
+    else:
+        f32 = matmul_rate(torch.float32)  # the scoring's arithmetic (bfloat16 matmul is slow on this CPU)
+        print(f"matmul 2048^3: float32 {f32:.0f} GFLOP/s")
 
     variants = ["streamed", *(v for v in args.variants if v != "streamed")]
     results = {}
     for variant in variants:
         out = args.dir / f"scores-{variant}.nc"
         done = subprocess.run([sys.executable, __file__, "--dir", str(args.dir), "--layers", str(args.layers),
-                               "--width", str(args.width), "--vocab", str(args.vocab), "--child", variant, str(out)]
+                               "--width", str(args.width), "--vocab", str(args.vocab), "--heads", str(args.heads),
+                               "--kv-heads", str(args.kv_heads), "--inner", str(s["inner"]), "--device", args.device,
+                               "--child", variant, str(out)]
                               + ["--cold-baseline"] * args.cold_baseline, check=True, capture_output=True, text=True)
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
         results[variant]["scores"] = xr.load_dataset(out)
@@ -223,11 +253,17 @@ def main() -> None:
 
     budget = budget_mb(s, BUDGET_BYTES)
     goal = sum(budget.values())
-    print(f"\n{'variant':<16} {'seconds':>8} {'peak MB':>8} {'x ckpt':>7} {'x goal':>7} {'read MB':>8}")
+    gpu = args.device.startswith("cuda")
+    print(f"\n{'variant':<16} {'seconds':>8} {'peak MB':>8} {'x ckpt':>7} {'x goal':>7} {'read MB':>8}"
+          + (f" {'GPU MB':>8} {'x goal':>7}" if gpu else ""))
     for variant in variants:
         r = results[variant]
         print(f"{variant:<16} {r['seconds']:8.1f} {r['peak_growth_mb']:8.0f} {r['peak_growth_mb'] / size_mb:7.2f} "
-              f"{r['peak_growth_mb'] / goal:7.2f} {r['read_mb']:8.0f}")
+              f"{r['peak_growth_mb'] / goal:7.2f} {r['read_mb']:8.0f}"
+              + (f" {r['gpu_peak_mb']:8.0f} {r['gpu_peak_mb'] / goal:7.2f}" if gpu else ""))
+    if gpu:
+        print("peak MB: the host's resident set (tensors pass through it from the shards); "
+              "GPU MB: torch's peak allocation on the GPU")
     print("goal: peak above baseline <= " + " + ".join(f"{k} {v:.0f}" for k, v in budget.items())
           + f" = {goal:.0f} MB; baseline (RSS before the run) {results['streamed']['baseline_mb']:.0f} MB")
 
@@ -248,6 +284,11 @@ def main() -> None:
           f"factored bound, {len(sources)} distinct sources); whole run at {score_rate:.1f} GFLOP/s effective, "
           f"{r['read_mb'] / r['seconds']:.0f} MB/s of checkpoint read over the run")
     big = dict(vocab=128256, width=8192, layers=80, heads=64, kv_heads=8, inner=28672, head_dim=128)
+    if all(s[key] == big[key] for key in ("vocab", "width", "heads", "kv_heads", "inner")):
+        per_layer = r["seconds"] / args.layers
+        print(f"this checkpoint has Llama-3.1-70B's layer shape: {per_layer:.2f} s a layer measured (set-up, "
+              f"embedding and unembedding included), so 80 layers at most {80 * per_layer / 60:.1f} min at this "
+              f"random model's early stopping")
     big_bound = factored_bound_flops(big, 80, len(sources))
     attn = (2 * 64 * 128 * 8192 + 2 * 8 * 128 * 8192) * BF16
     read_gb = (80 * attn + 2 * 128256 * 8192 * BF16 + 3 * 28672 * 8192 * BF16) / 2 ** 30

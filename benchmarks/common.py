@@ -96,14 +96,17 @@ def relation_word_tokenizer(vocab: int, relations: int | None = None):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
 
 
-def matmul_rate(dtype, n: int = 2048, repeats: int = 5) -> float:
-    """This machine's dense matmul rate in GFLOP/s for ``dtype`` (n x n products, after a
-    warm-up): the yardstick the benchmarks extrapolate time with."""
+def matmul_rate(dtype, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """This machine's dense matmul rate in GFLOP/s for ``dtype`` on ``device`` (n x n
+    products, after a warm-up): the yardstick the benchmarks extrapolate time with."""
     import torch
 
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a @ b
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    sync()
     return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9
