@@ -170,6 +170,13 @@ def budget_mb(s: dict, budget_bytes: int) -> dict:
             "one block": block / 2 ** 20, "scoring budget": budget_bytes / 2 ** 20}
 
 
+def duration(seconds: float) -> str:
+    """``seconds`` in the unit that reads best."""
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def factored_bound_flops(s: dict, layers: int, sources: int) -> float:
     """FLOPs of scoring every head without early stopping, the cheaper product order:
     ``x W_V`` per key/value head, then ``(x W_V)(W_O W_U)`` per head over the whole vocabulary."""
@@ -294,15 +301,16 @@ def main() -> None:
     read_gb = (80 * attn + 2 * 128256 * 8192 * BF16 + 3 * 28672 * 8192 * BF16) / 2 ** 30
     print(f"Llama-3.1-70B: reads {read_gb:.0f} GB of the 131 GB checkpoint; factored bound {big_bound / 1e12:.0f} TFLOP, "
           f"at this run's fraction {flops / bound:.1%}: {big_bound * flops / bound / 1e12:.1f} TFLOP; "
-          f"{big_bound * flops / bound / (f32 * 1e9) / 60:.0f} min at the float32 matmul rate "
-          f"({big_bound / (f32 * 1e9) / 3600:.1f} h for the bound)")
+          f"{duration(big_bound * flops / bound / (f32 * 1e9))} at the float32 matmul rate "
+          f"({duration(big_bound / (f32 * 1e9))} for the bound)")
     big_budget = budget_mb(big, BUDGET_BYTES)
     big_goal = sum(big_budget.values())
     print("Llama-3.1-70B goal terms: " + ", ".join(f"{k} {v / 1024:.2f} GB" for k, v in big_budget.items())
           + f" = {big_goal / 1024:.1f} GB")
     weights = budget["embedding"] + budget["unembedding"] + budget["one block"]
     big_weights = big_budget["embedding"] + big_budget["unembedding"] + big_budget["one block"]
-    rest = r["peak_growth_mb"] - weights  # scoring and everything else, measured here
+    # scoring and everything else, measured here (on a GPU, in its memory: the weights live there)
+    rest = (r["gpu_peak_mb"] if gpu else r["peak_growth_mb"]) - weights
     print(f"  estimate: those weights {big_weights / 1024:.1f} GB + this run's measured rest {rest / 1024:.2f} GB "
           f"(scoring, tokenisation; grows with width for the source vectors) = {(big_weights + rest) / 1024:.1f} GB, "
           f"against {2 * 70.6:.0f} GB to load it in bfloat16 and {4 * 70.6:.0f} GB in float32")

@@ -152,14 +152,15 @@ BY_DISTANCE_SCHEMA = DatasetSchema(
 
 def similarity_matrix(hidden: torch.Tensor, mask: torch.Tensor, metric: str,
                       centre_without_first_token: bool = False,
-                      prefix: torch.Tensor | None = None) -> torch.Tensor:
+                      prefix: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
     """``(batch, token, token)`` similarities of a ``(batch, token, width)`` tensor.
 
     Entry ``[b, i, j]`` compares token i with token j; it is NaN unless j <= i (or both
     are in a bidirectional ``prefix``, ``(batch, token)`` bool) and both are real tokens.
     Computed in float32 at least, whatever the model's dtype. With
     ``centre_without_first_token`` the centring mean leaves out position 0 (in prompts
-    of two or more tokens).
+    of two or more tokens). ``keep``: :func:`kept_pairs` of ``mask`` and ``prefix``,
+    when the caller already has it (it is the same for every layer of a batch).
     """
     h = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
     real = mask.to(h.dtype).unsqueeze(-1)  # (batch, token, 1)
@@ -172,7 +173,7 @@ def similarity_matrix(hidden: torch.Tensor, mask: torch.Tensor, metric: str,
         h = h - mean
     unit = torch.nn.functional.normalize(h, dim=-1)
     sims = unit @ unit.transpose(1, 2)
-    return sims.masked_fill(~kept_pairs(mask, prefix), float("nan"))
+    return sims.masked_fill(~(kept_pairs(mask, prefix) if keep is None else keep), float("nan"))
 
 
 def kept_pairs(mask: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
@@ -291,28 +292,42 @@ def as_pairs(ds: xr.Dataset) -> xr.Dataset:
     )
 
 
-def distance_totals(sims: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def distance_totals(sims: torch.Tensor, keep: torch.Tensor, both_directions: bool = True) -> torch.Tensor:
     """``(3, 2, token)`` float64: the sum, the sum of squares and the number (axis 0) of
     the kept similarities of a ``(batch, token, token)`` batch at each token distance
     ``d = i - j``. Row 0 of axis 1 holds ``d >= 0`` at column ``d``; row 1 holds the
     negative distances (j > i, only among a bidirectional prefix's tokens) at column
     ``-d`` (its column 0 stays zero). What ``form = "by_distance"`` keeps of a batch: its
-    size does not depend on the number of prompts.
+    size does not depend on the number of prompts. ``both_directions=False`` says no
+    pair has j > i (no bidirectional prefix), which halves the work.
 
     Start-aligned (column ``k`` is the same distance whatever the batch's length), so
     totals of batches of different lengths add up after zero-padding the shorter one at
     its end: the read says :attr:`probescope.Read.last_dim_grows`, and one running total
-    serves the whole run."""
-    b, n, _ = sims.shape
-    position = torch.arange(n, device=sims.device)
-    offset = position.unsqueeze(1) - position.unsqueeze(0)  # i - j
-    column = (torch.where(offset < 0, n - offset, offset)).expand(b, n, n)[keep]  # row 1 starts at n
-    values = sims[keep].to(torch.float64)
-    totals = torch.zeros(3, 2 * n, dtype=torch.float64, device=sims.device)
-    totals[0].index_add_(0, column, values)
-    totals[1].index_add_(0, column, values * values)
-    totals[2].index_add_(0, column, torch.ones_like(values))
-    return totals.view(3, 2, n)
+    serves the whole run.
+
+    Each distance's values are one diagonal of the matrix: the batch is summed first
+    (dense reductions), then the diagonals of the one ``(token, token)`` sum are read
+    through a strided view (:func:`_diagonal_sums`); no scatter, no per-pair indices."""
+    values = sims.to(torch.float64).masked_fill(~keep, 0.0)
+    per_pair = torch.stack([values.sum(0), (values * values).sum(0), keep.sum(0, dtype=torch.float64)])
+    totals = torch.zeros(3, 2, sims.shape[-1], dtype=torch.float64, device=sims.device)
+    totals[:, 0] = _diagonal_sums(per_pair)
+    if both_directions:
+        totals[:, 1, 1:] = _diagonal_sums(per_pair.transpose(1, 2))[:, 1:]
+    return totals
+
+
+def _diagonal_sums(x: torch.Tensor) -> torch.Tensor:
+    """``(k, token)``: entry ``[k, d]`` is the sum over i of ``x[k, i, i - d]``.
+
+    With ``n`` zero rows below each ``(n, n)`` matrix (row stride ``n``), element
+    ``x[k, d + m, m]`` sits at ``d * n + m * (n + 1)`` from the matrix's start: a view of
+    strides ``(n, n + 1)`` puts diagonal ``d`` in row ``d``, and where ``d + m >= n`` it
+    reads the zero rows."""
+    k, n, _ = x.shape
+    padded = torch.nn.functional.pad(x, (0, 0, 0, n))  # (k, 2n, n), contiguous
+    return padded.as_strided((k, n, n), (2 * n * n, n, n + 1)).sum(dim=2)
 
 
 class TokenSimilarity(Probe):
@@ -334,15 +349,23 @@ class TokenSimilarity(Probe):
     def reads(self, params: TokenSimilarityParameters, model) -> list[Read]:
         metric, skip_first = params.metric, params.centre_without_first_token
 
+        last: dict = {}  # the batch whose kept pairs were made last: the same for every layer
+
+        def keep_of(batch: Batch) -> torch.Tensor:
+            if last.get("batch") is not batch:
+                last.update(batch=batch, keep=kept_pairs(batch.mask, batch.prefix_mask))
+            return last["keep"]
+
         def matrix(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
-            return similarity_matrix(hidden, batch.mask, metric, skip_first, batch.prefix_mask)
+            return similarity_matrix(hidden, batch.mask, metric, skip_first, batch.prefix_mask, keep=keep_of(batch))
 
         def pairs(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
             # Only the kept pairs leave the pass, in the order the dataset stores them.
-            return matrix(hidden, batch)[kept_pairs(batch.mask, batch.prefix_mask)]
+            return matrix(hidden, batch)[keep_of(batch)]
 
         def totals(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
-            return distance_totals(matrix(hidden, batch), kept_pairs(batch.mask, batch.prefix_mask))
+            return distance_totals(matrix(hidden, batch), keep_of(batch),
+                                   both_directions=batch.prefix_mask is not None)
 
         # by_distance: one running total per layer for the whole run, grown to the
         # longest batch (distance_totals is start-aligned); full: every batch's pairs,
