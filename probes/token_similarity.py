@@ -351,13 +351,16 @@ class TokenSimilarity(Probe):
 
         last: dict = {}  # the batch whose kept pairs were made last: the same for every layer
 
+        def prefix_of(batch: Batch) -> torch.Tensor | None:
+            return batch.prefix_mask if batch.has_prefix else None
+
         def keep_of(batch: Batch) -> torch.Tensor:
             if last.get("batch") is not batch:
-                last.update(batch=batch, keep=kept_pairs(batch.mask, batch.prefix_mask))
+                last.update(batch=batch, keep=kept_pairs(batch.mask, prefix_of(batch)))
             return last["keep"]
 
         def matrix(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
-            return similarity_matrix(hidden, batch.mask, metric, skip_first, batch.prefix_mask, keep=keep_of(batch))
+            return similarity_matrix(hidden, batch.mask, metric, skip_first, prefix_of(batch), keep=keep_of(batch))
 
         def pairs(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
             # Only the kept pairs leave the pass, in the order the dataset stores them.
@@ -365,7 +368,7 @@ class TokenSimilarity(Probe):
 
         def totals(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
             return distance_totals(matrix(hidden, batch), keep_of(batch),
-                                   both_directions=batch.prefix_mask is not None)
+                                   both_directions=batch.has_prefix)
 
         # by_distance: one running total per layer for the whole run, grown to the
         # longest batch (distance_totals is start-aligned); full: every batch's pairs,

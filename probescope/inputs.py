@@ -131,11 +131,22 @@ class Batch:
     @property
     def prefix_mask(self) -> torch.Tensor:
         """``(batch, token)`` bool, True for tokens of a bidirectional prefix (they also
-        attend to later tokens of the prefix); all False in a causal model."""
-        out = torch.zeros(self.input_ids.shape, dtype=torch.bool, device=self.input_ids.device)
-        for row, prompt in enumerate(self.prompts):
-            out[row, : prompt.prefix] = True
+        attend to later tokens of the prefix); all False in a causal model. Made once per
+        batch (on a GPU, each row written is a kernel launch)."""
+        of, out = self.__dict__.get("_prefix", (None, None))
+        if of is not self.input_ids:
+            out = torch.zeros(self.input_ids.shape, dtype=torch.bool, device=self.input_ids.device)
+            for row, prompt in enumerate(self.prompts):
+                if prompt.prefix:
+                    out[row, : prompt.prefix] = True
+            self.__dict__["_prefix"] = (self.input_ids, out)
         return out
+
+    @property
+    def has_prefix(self) -> bool:
+        """Whether any prompt of the batch has a bidirectional prefix (else no token
+        attends to a later one)."""
+        return any(prompt.prefix for prompt in self.prompts)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -162,12 +173,15 @@ def tokenize(tokenizer: Any, texts: Sequence[str], *, model_name: str = "model")
     :raises InputError: a text has no tokens at all.
     """
     prompts = []
+    labels: dict[int, str] = {}  # a token's label does not depend on its prompt: decode each id once
     for index, text in enumerate(texts):
         ids = tuple(int(i) for i in tokenizer(text)["input_ids"])
         if not ids:
             raise InputError(f"model {model_name!r}: prompt {index} ({text!r}) has no tokens")
-        prompts.append(Prompt(index, text, ids, tuple(token_label(tokenizer, i) for i in ids),
-                              token_kinds(tokenizer, ids)))
+        for i in ids:
+            if i not in labels:
+                labels[i] = token_label(tokenizer, i)
+        prompts.append(Prompt(index, text, ids, tuple(labels[i] for i in ids), token_kinds(tokenizer, ids)))
     return prompts
 
 

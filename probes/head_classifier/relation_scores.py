@@ -372,7 +372,9 @@ def relation_scores(
     device = layout.embedding().weight.device
     distinct, source_row = torch.unique(pairs.source, return_inverse=True)
     sources = _sources_by_layer(layout, distinct, through_first_mlp, dtype, budget_bytes)
-    W_U = layout.unembedding().matrix().detach()
+    # Every weight is brought to the embedding's device: a model split by device_map keeps
+    # some blocks (and maybe the output layer) on the CPU or on disk.
+    W_U = layout.unembedding().matrix().detach().to(device)
     u_norm_max = longest_column(W_U, dtype, budget_bytes)
     target, source_row, k = pairs.target.to(device), source_row.to(device), pairs.k.to(device)[pairs.relation.to(device)]
     with torch.no_grad():
@@ -380,8 +382,8 @@ def relation_scores(
             x = sources(layer).to(device)
             w = layout.heads(layer)
             give_back_freed_memory()  # what making the sources and reading the block left
-            hit, supp = _layer_hits(x, source_row, target, k, w.W_V_kv.detach(), w.W_O.detach(), w.kv_head.to(device),
-                                    W_U, u_norm_max, dtype, budget_bytes, first_chunk, max_chunk, stats)
+            hit, supp = _layer_hits(x, source_row, target, k, w.W_V_kv.detach().to(device), w.W_O.detach().to(device),
+                                    w.kv_head.to(device), W_U, u_norm_max, dtype, budget_bytes, first_chunk, max_chunk, stats)
             del w
             give_back_freed_memory()
             relation[i] = _per_relation(hit, pairs)
