@@ -306,7 +306,7 @@ def main() -> None:
                                 rows[(family, n, kind, "gpu-memory")] = max(r["gpu_peak_mb"], 1.0)
                         else:
                             rows[(family, n, kind, what)] = max(r["peak_growth_mb"], 1.0)
-                done = {key[1]: round(v, 2) for key, v in rows.items() if key[0] == family and key[2] == kind}
+                done = {f"{key[1]} {key[3]}": round(v, 2) for key, v in rows.items() if key[0] == family and key[2] == kind}
                 print(f"  done: {family} {kind} {what} ({time.strftime('%H:%M:%S')}): {done}", flush=True)
     measures = [m for m in ("time", "gpu-memory", "memory", "memory-default")
                 if any(key[3] == m for key in rows)]
