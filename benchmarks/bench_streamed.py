@@ -221,7 +221,7 @@ def main() -> None:
     print(f"checkpoint: {args.layers} layers, width {args.width}, {s['heads']}/{s['kv_heads']} heads, MLP {s['inner']}, "
           f"vocabulary {args.vocab}, bfloat16: {size_mb:.0f} MB in {shards} shards")
     with open("/proc/loadavg") as f:
-        print(f"load average before (2 cores, shared with other engineers): {f.read().split()[:3]}")
+        print(f"load average before ({os.cpu_count()} cores): {f.read().split()[:3]}")
     if args.device.startswith("cuda"):
         f32 = matmul_rate(torch.float32, n=8192, repeats=10, device=args.device)
         print(f"device: {torch.cuda.get_device_name(args.device)}; matmul 8192^3: float32 {f32:.0f} GFLOP/s "
