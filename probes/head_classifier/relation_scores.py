@@ -118,6 +118,7 @@ def source_vectors(layout: ModelLayout, tokens: torch.Tensor, layer: int, throug
                 out = torch.empty((n, x.shape[-1]), dtype=dtype, device=x.device)
             out[start:start + x.shape[0]] = x  # converted to dtype as it is copied
             del x
+            give_back_freed_memory()  # the slice's MLP activations
         return out
 
 
@@ -309,11 +310,13 @@ def _layer_hits(x: torch.Tensor, source_row: torch.Tensor, target: torch.Tensor,
             above[head, pair] += _count(logits >= (own - slack)[:, None])
             below[head, pair] += _count(logits <= (own + slack)[:, None])
             del logits
+            give_back_freed_memory()  # the chunk's logits, comparisons and W_U slice
             open_ = (above < kk) | (below < kk)
             start, size = stop, min(max_chunk, size * 2)
         relation_hit[h0:h0 + n] = above < kk
         suppression_hit[h0:h0 + n] = below < kk
         del Y, t, tol, above, below, open_
+        give_back_freed_memory()
     if stats is not None:
         stats["flops"] = stats.get("flops", 0) + flops
     return relation_hit, suppression_hit
@@ -333,8 +336,12 @@ def give_back_freed_memory() -> None:
     """Hand memory that tensors freed back to the system (glibc's ``malloc_trim``).
 
     glibc keeps freed blocks below its mmap threshold (which grows to 32 MB) for reuse,
-    and one layer's chunks leave about 100 MB of them, so without this the resident set
-    grows past what the scoring holds. A no-op where the C library has no ``malloc_trim``.
+    and the chunks of tensors of varying sizes fragment them: without this, one layer
+    left about 100 MB of them, and on the benchmark's 16-layer run the freed blocks
+    held inside a layer's scoring took the resident set 100 MB past what the scoring
+    holds. So the scoring calls this after each vocabulary chunk, each group of heads,
+    each slice of block 0's MLP and each layer. A no-op where the C library has no
+    ``malloc_trim``.
     """
     trim = _malloc_trim()
     if trim is not None:
@@ -384,7 +391,7 @@ def relation_scores(
             give_back_freed_memory()  # what making the sources and reading the block left
             hit, supp = _layer_hits(x, source_row, target, k, w.W_V_kv.detach().to(device), w.W_O.detach().to(device),
                                     w.kv_head.to(device), W_U, u_norm_max, dtype, budget_bytes, first_chunk, max_chunk, stats)
-            del w
+            del w, x  # the next layer's sources are made without this layer's beside them
             give_back_freed_memory()
             relation[i] = _per_relation(hit, pairs)
             suppression[i] = _per_relation(supp, pairs)
