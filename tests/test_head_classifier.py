@@ -545,11 +545,13 @@ def peak_allocated_bytes(step) -> tuple[int, object]:
     return peak, out
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
 @pytest.mark.parametrize("precision", [torch.float32, torch.float64])
-def test_scoring_allocates_at_most_its_budget_and_scores_the_same(precision):
+def test_scoring_allocates_at_most_its_budget_and_scores_the_same(precision, kv_heads):
     """Everything relation_scores allocates (sources through block 0's MLP, W_U's
     conversions, per-head values, logits) stays within budget_bytes on a model in memory
-    (whose weights it does not allocate), and the scores do not depend on the budget."""
+    (whose weights it does not allocate), with and without grouped-query heads, and the
+    scores do not depend on the budget."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from probescope.architectures.layout import ModelLayout
@@ -559,7 +561,7 @@ def test_scoring_allocates_at_most_its_budget_and_scores_the_same(precision):
     torch.manual_seed(0)
     vocabulary = 2100
     model = LlamaForCausalLM(LlamaConfig(vocab_size=vocabulary, hidden_size=32, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
                                          tie_word_embeddings=False)).eval()
     adapter = find_adapter(model.config, load_registry())
     layout = ModelLayout(model, adapter, adapter.blocks(model))
