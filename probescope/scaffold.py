@@ -68,16 +68,17 @@ class {cls}(Probe):
 
     def reads(self, params, model):
         # Each reduction runs inside the shared traced pass: only its result leaves it.
-        return [Read(f"resid_{{layer}}", resid(layer), _sum_and_count)
+        # accumulate=True: each batch's (sum, count) is added to one running total, so
+        # memory does not grow with the number of prompts.
+        return [Read(f"resid_{{layer}}", resid(layer), _sum_and_count, accumulate=True)
                 for layer in self._layers(params, model.num_layers)]
 
     def build(self, params, run):
         layers = self._layers(params, run.model.info.num_layers)
         means = []
         for layer in layers:
-            parts = run.reductions[f"resid_{{layer}}"]  # one (sum, count) tensor per batch
-            total = sum(float(p[0]) for p in parts)
-            count = sum(float(p[1]) for p in parts)
+            (totals,) = run.reductions[f"resid_{{layer}}"]  # the run's (sum, count)
+            total, count = totals.tolist()
             means.append(total / count)
         return xr.Dataset(
             {{"mean_norm": ("layer", np.array(means), {{"long_name": "mean L2 norm of the residual stream"}})}},
@@ -90,8 +91,8 @@ def _sum_and_count(hidden, batch):
     ``hidden`` is (batch, token, width); ``batch.mask`` is True on real tokens."""
     import torch
 
-    mask = batch.mask.to(hidden.dtype)
-    return torch.stack([(hidden.norm(dim=-1) * mask).sum(), mask.sum()])
+    mask = batch.mask.to(torch.float64)
+    return torch.stack([(hidden.norm(dim=-1).to(torch.float64) * mask).sum(), mask.sum()])
 
 
 @probescope.hookimpl

@@ -35,20 +35,24 @@ def test_shell_examples_name_real_commands(where, code):
 
 
 def test_documented_probe_and_renderer_work(gpt2, tokenizer, tmp_path):
-    """docs/plugins.md's probe against forward hooks, and its renderer's figure."""
+    """docs/plugins.md's probe against forward hooks (prompts of different lengths in
+    batches of one: every real token weighs the same, not every batch), and its
+    renderer's figure."""
     plugins = documented_plugins()
-    config = {"inputs": {"prompts": PROMPTS[:1]}, "probes": [{"use": "mean_norm"}]}
+    config = {"inputs": {"prompts": PROMPTS, "batch_size": 1}, "probes": [{"use": "mean_norm"}]}
     ds = probescope.run(config, models={"tiny": (gpt2, tokenizer)}, write=False, plugins=plugins)["tiny"]["mean_norm"]
-    outputs = []
-    hooks = [block.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
-             for block in gpt2.transformer.h]
+    per_block: list[list[torch.Tensor]] = [[] for _ in gpt2.transformer.h]
+    hooks = [block.register_forward_hook(lambda m, a, out, i=i: per_block[i].append(out[0] if isinstance(out, tuple) else out))
+             for i, block in enumerate(gpt2.transformer.h)]
     try:
         with torch.no_grad():
-            gpt2(tokenizer(PROMPTS[0], return_tensors="pt").input_ids)
+            for prompt in PROMPTS:
+                gpt2(tokenizer(prompt, return_tensors="pt").input_ids)
     finally:
         for hook in hooks:
             hook.remove()
-    expected = [float(h[0].norm(dim=-1).mean()) for h in outputs]
+    assert len({len(tokenizer(p).input_ids) for p in PROMPTS}) > 1
+    expected = [float(torch.cat([h[0].norm(dim=-1) for h in outs]).mean()) for outs in per_block]
     assert np.allclose(ds.mean_norm.values, expected, rtol=1e-5)
     figure = probescope.render([ds], "layer_line", tmp_path / "norms.png", plugins=plugins)
     assert np.allclose(figure.axes[0].get_lines()[0].get_ydata(), expected, rtol=1e-5)
