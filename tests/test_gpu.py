@@ -32,9 +32,8 @@ from probescope.config import ModelEntry
 from probescope.inputs import Batch
 from probescope.models import find_adapter
 from probescope.probe import Read
-from test_head_classifier import LLAMA_PLAN, build_llama as planted_llama_model, check_planted, relation_file
-from test_head_classifier import word_tokenizer
-from test_offload import PROMPTS, run_config
+from test_head_classifier import LLAMA_PLAN, check_planted, relation_file
+from test_offload import planted, run_config  # noqa: F401 (planted: a fixture, used by name)
 from test_sites import observed, registry, site_refs
 
 DEVICE = os.environ.get("PROBESCOPE_TEST_DEVICE", "cuda")
@@ -130,17 +129,6 @@ def test_every_site_of_a_model_split_across_the_gpu_cpu_and_disk_equals_the_cpu(
 
 
 # -- whole runs ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    """A Llama whose heads implement known relations, saved with its word tokenizer."""
-    words = word_tokenizer()
-    model = planted_llama_model(words)
-    folder = tmp_path_factory.mktemp("planted") / "llama"
-    model.save_pretrained(folder, safe_serialization=True)
-    words.save_pretrained(folder)
-    return model, words, folder
 
 
 def assert_runs_agree(got: dict, want: dict) -> None:
