@@ -375,7 +375,7 @@ def run_model(plan: Plan, prepared: Prepared, registry: Any, outcome: Outcome, w
         for task in progress(tasks, desc=f"{name}: probes"):
             if task.name in failed:
                 continue
-            run = ProbeRun(loaded, prepared.prompts, batches, _on_cpu(reduced.pop(task.name, {})))
+            run = ProbeRun(loaded, prepared.prompts, batches, trace.on_cpu(reduced.pop(task.name, {})))
             try:
                 dataset = task.probe.build(task.params, run)
                 dataset.attrs.update(results.provenance(
@@ -419,12 +419,6 @@ def _spill_store(reads: list, where: Path | None):
     finally:
         store.close()
         results.remove_empty(created)
-
-
-def _on_cpu(reductions: dict) -> dict:
-    """A probe's reductions on the CPU; spilled ones already are (on disk)."""
-    spilled = {key: parts for key, parts in reductions.items() if isinstance(parts, spill.Spilled)}
-    return {**trace.on_cpu({k: v for k, v in reductions.items() if k not in spilled}), **spilled}
 
 
 def _any_prompt_order(tasks: Sequence[ProbeTask], info: models_mod.ModelInfo) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import nnsight
 import torch
@@ -246,9 +246,11 @@ def gather(per_batch: list[dict[Any, torch.Tensor]], totals: dict[Any, torch.Ten
     return out
 
 
-def on_cpu(reductions: dict[Any, list[torch.Tensor]]) -> dict[Any, list[torch.Tensor]]:
-    """``{key: [tensor, ...]}`` with every tensor moved to the CPU."""
-    return {key: [t.to("cpu") for t in parts] for key, parts in reductions.items()}
+def on_cpu(reductions: dict[Any, Sequence[torch.Tensor]]) -> dict[Any, Sequence[torch.Tensor]]:
+    """``{key: [tensor, ...]}`` with every tensor moved to the CPU. Parts that are not a
+    list (:class:`probescope.spill.Spilled`: read from a file when indexed) already are."""
+    return {key: [t.to("cpu") for t in parts] if isinstance(parts, list) else parts
+            for key, parts in reductions.items()}
 
 
 def release_freed_memory() -> None:
