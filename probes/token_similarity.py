@@ -292,6 +292,16 @@ def as_pairs(ds: xr.Dataset) -> xr.Dataset:
     )
 
 
+def layers_read(params: TokenSimilarityParameters, num_layers: int) -> list[int] | None:
+    """The layers an entry of this probe reads, resolved from its ``layers`` as users
+    write them; None when they are wrong for the model (the probe's own check says so,
+    so a renderer checking its layer choices against them reports nothing twice)."""
+    try:
+        return resolve_layers(getattr(params, "layers", None), num_layers)
+    except ValueError:
+        return None
+
+
 def distance_totals(sims: torch.Tensor, keep: torch.Tensor, both_directions: bool = True) -> torch.Tensor:
     """``(3, 2, token)`` float64: the sum, the sum of squares and the number (axis 0) of
     the kept similarities of a ``(batch, token, token)`` batch at each token distance

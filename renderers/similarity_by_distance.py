@@ -32,9 +32,9 @@ from pydantic import Field, field_validator
 from probescope import (
     EMBED, EMBED_LAYER, Layer, Problem, Renderer, RendererError, RendererParameters, add_title, coord_text,
     distinct_layers, hookimpl, known_colormap, layer_label, lazy_import, panel_grid, resolve_layer,
-    resolve_layers, layer_choice_problems,
+    layer_choice_problems,
 )
-from probescope.probes.token_similarity import BY_DISTANCE_SCHEMA
+from probescope.probes.token_similarity import BY_DISTANCE_SCHEMA, layers_read
 
 matplotlib = lazy_import("matplotlib")
 np = lazy_import("numpy")
@@ -121,10 +121,7 @@ class SimilarityByDistanceRenderer(Renderer):
         if getattr(probe_params, "form", "by_distance") != "by_distance":
             problems.append(Problem("probe", 'similarity_by_distance draws token_similarity\'s summary: give the '
                                              'probe entry form = "by_distance" (similarity_grid draws "full")'))
-        try:
-            read = resolve_layers(getattr(probe_params, "layers", None), model.num_layers)
-        except ValueError:  # the probe's own check reports its layers; ours are still checked
-            read = None
+        read = layers_read(probe_params, model.num_layers)
         return problems + layer_choice_problems(params.layers, model.num_layers, read)
 
     def render(self, datasets: Sequence[xr.Dataset], params: Any = None) -> mfigure.Figure:

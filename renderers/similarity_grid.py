@@ -41,10 +41,10 @@ from pydantic import Field, field_validator, model_validator
 from probescope import (
     EMBED, EMBED_LAYER, Layer, Problem, Renderer, RendererError, RendererParameters, add_title, check_dataset,
     coord_text, distinct_layers,
-    clean_token, hookimpl, index_values, known_colormap, layer_label, resolve_layer, resolve_layers, lazy_import,
+    clean_token, hookimpl, index_values, known_colormap, layer_label, resolve_layer, lazy_import,
     layer_choice_problems, prompt_problems,
 )
-from probescope.probes.token_similarity import SCHEMA, as_pairs, prompt_matrix
+from probescope.probes.token_similarity import SCHEMA, as_pairs, layers_read, prompt_matrix
 
 matplotlib = lazy_import("matplotlib")
 np = lazy_import("numpy")
@@ -225,10 +225,7 @@ class SimilarityGridRenderer(Renderer):
                                              f'token_similarity\'s form = "{probe_params.form}" does not keep: '
                                              'draw it with similarity_by_distance, or give the probe form = "full"'))
         problems += prompt_problems(params.prompt, prompts)
-        try:
-            read = resolve_layers(getattr(probe_params, "layers", None), model.num_layers)
-        except ValueError:  # the probe's own check reports its layers; ours are still checked
-            read = None
+        read = layers_read(probe_params, model.num_layers)
         return problems + layer_choice_problems(params.layers, model.num_layers, read)
 
     def render(self, datasets: Sequence[xr.Dataset], params: Any = None) -> mfigure.Figure:
