@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from probescope.errors import InputError
 from probescope.tokens import clean_token
@@ -122,25 +122,31 @@ class Batch:
     def mask(self) -> torch.Tensor:
         """``(batch, token)`` bool, True for real tokens (made once per batch: every
         reduction of the pass asks for it)."""
-        of, mask = self.__dict__.get("_mask", (None, None))
-        if of is not self.attention_mask:
-            of, mask = self.attention_mask, self.attention_mask.bool()
-            self.__dict__["_mask"] = (of, mask)
-        return mask
+        return self._once("_mask", self.attention_mask, self.attention_mask.bool)
 
     @property
     def prefix_mask(self) -> torch.Tensor:
         """``(batch, token)`` bool, True for tokens of a bidirectional prefix (they also
         attend to later tokens of the prefix); all False in a causal model. Made once per
         batch (on a GPU, each row written is a kernel launch)."""
-        of, out = self.__dict__.get("_prefix", (None, None))
-        if of is not self.input_ids:
+
+        def make() -> torch.Tensor:
             out = torch.zeros(self.input_ids.shape, dtype=torch.bool, device=self.input_ids.device)
             for row, prompt in enumerate(self.prompts):
                 if prompt.prefix:
                     out[row, : prompt.prefix] = True
-            self.__dict__["_prefix"] = (self.input_ids, out)
-        return out
+            return out
+
+        return self._once("_prefix", self.input_ids, make)
+
+    def _once(self, name: str, source: torch.Tensor, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``make()``, kept for this batch under ``name``; made again if ``source`` (the
+        tensor it is made from) was replaced."""
+        of, value = self.__dict__.get(name, (None, None))
+        if of is not source:
+            value = make()
+            self.__dict__[name] = (source, value)
+        return value
 
     @property
     def has_prefix(self) -> bool:
